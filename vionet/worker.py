@@ -1,0 +1,134 @@
+"""The vionet worker process: enter the sandbox, then serve the parent and the device.
+
+Everything this process will ever need is imported at the top, before the sandbox: afterwards
+there is no filesystem (empty chroot) and no open() (seccomp), so a lazy import would fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+import trio
+
+from imsg.catalogue import VIONET_FROM_PARENT, MsgType
+from imsg.channel import ImsgSocket, TrioImsgChannel
+from imsg.codec import Imsg
+from imsg.errors import ImsgError
+from vionet.counters import Counters
+from vionet.probe import run_probes
+from vmd_py import sandbox
+from vmd_py.virtio_defs import tun_mask_for
+
+log = logging.getLogger("vionet")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vionet")
+    p.add_argument("--nic", required=True)
+    p.add_argument("--imsg-fd", type=int, required=True)
+    p.add_argument("--tap-fd", type=int, required=True)
+    p.add_argument("--vhost-fd", type=int)
+    p.add_argument("--features", type=lambda s: int(s, 0), required=True)
+    p.add_argument("--mac")
+    p.add_argument("--locked", action="store_true")
+    p.add_argument("--user", default="_vmd")
+    p.add_argument("--empty-root", default="/var/lib/vmd-py/empty")
+    p.add_argument("--no-sandbox", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+class Worker:
+    """State shared by the parent channel and the device."""
+
+    def __init__(self, args: argparse.Namespace, chan: TrioImsgChannel) -> None:
+        self.args = args
+        self.chan = chan
+        self.offered: int = args.features
+        self.acked = 0
+        # The mask the parent confirmed. Until it does, the tap is treated as offload-free.
+        self.tap_offload = 0
+        self.paused = False
+        self.counters = Counters()
+        self._nursery: trio.Nursery | None = None
+
+    def request_offload(self, acked: int) -> None:
+        """Called by the device after SET_FEATURES: ask the parent for the matching tap mask."""
+        self.acked = acked
+        self.tap_offload = 0  # stale until confirmed
+        mask = tun_mask_for(acked)
+        assert self._nursery is not None
+        self._nursery.start_soon(
+            self.chan.send, Imsg(MsgType.TUNSCAP, {"mask": mask, "features": acked})
+        )
+
+    async def serve_parent(self) -> None:
+        while True:
+            try:
+                msg = await self.chan.receive()
+            except ImsgError as exc:
+                self.counters.inc(f"imsg_refused_{exc.kind.value}")
+                await self.chan.send_error(exc.kind.value, str(exc))
+                continue
+            except EOFError:
+                log.info("%s: parent closed the channel", self.args.nic)
+                return
+            await self._dispatch(msg)
+
+    async def _dispatch(self, msg: Imsg) -> None:
+        if msg.type is MsgType.STATS_REQUEST:
+            await self.chan.send(Imsg(MsgType.STATS, self.stats()))
+        elif msg.type is MsgType.PROBE_SANDBOX:
+            results = run_probes(self.args.tap_fd, self.args.imsg_fd)
+            await self.chan.send(Imsg(MsgType.PROBE_RESULT, {"results": results}))
+        elif msg.type is MsgType.PAUSE:
+            self.paused = True
+            await self.chan.send(Imsg(MsgType.OK, {}))
+        elif msg.type is MsgType.RESUME:
+            self.paused = False
+            await self.chan.send(Imsg(MsgType.OK, {}))
+        elif msg.type is MsgType.TUNSCAP_RESULT:
+            self.tap_offload = msg.payload["mask"]
+        elif msg.type is MsgType.ERROR:
+            self.counters.inc(f"parent_error_{msg.payload['code']}")
+            log.warning("%s: parent refused: %s", self.args.nic, msg.payload["detail"])
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "features_offered": self.offered,
+            "features_acked": self.acked,
+            "tap_offload": self.tap_offload,
+            "paused": self.paused,
+            "counters": self.counters.snapshot(),
+        }
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self.serve_parent()
+            nursery.cancel_scope.cancel()
+
+
+async def _amain(args: argparse.Namespace, sock: socket.socket) -> None:
+    if not args.no_sandbox:
+        # After trio made its epoll fd and wakeup socketpair; before reading any message.
+        sandbox.lock_down()
+    chan = TrioImsgChannel(ImsgSocket(sock, VIONET_FROM_PARENT), role="vionet")
+    await chan.hello()
+    await Worker(args, chan).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr,
+        format=f"vionet[{os.getpid()}] %(levelname)s %(message)s",
+    )
+    sock = socket.socket(fileno=args.imsg_fd)
+    if not args.no_sandbox:
+        sandbox.drop_privileges(user=args.user, empty_root=args.empty_root)
+    trio.run(_amain, args, sock)
+    return 0
