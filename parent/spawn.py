@@ -67,6 +67,10 @@ def spawn_vionet(
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            # A pipe, not our stderr: the worker runs with RLIMIT_FSIZE 0, and a write to a
+            # regular log file would kill it; the parent relays its lines to the log.
+            stderr=subprocess.PIPE,
             pass_fds=fds,
             close_fds=True,
             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONDONTWRITEBYTECODE": "1"},

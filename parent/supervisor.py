@@ -161,10 +161,14 @@ class Parent:
             log.info("%s: vionet worker pid %d", nic.spec.name, proc.pid)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_then_cancel, nic, sock, nursery.cancel_scope)
+                if proc.stderr is not None:
+                    nursery.start_soon(_relay_log, nic.spec.name, proc.stderr.fileno())
                 await _wait_process(proc)
                 nic.exited.set()
                 nursery.cancel_scope.cancel()
             sock.close()
+            if proc.stderr is not None:
+                proc.stderr.close()
             nic.chan = None
             self._reset_offload(nic)
             if nic.stopping:
@@ -303,6 +307,28 @@ async def _wait_process(proc: subprocess.Popen[bytes]) -> None:
             await trio.lowlevel.wait_readable(pidfd)
     finally:
         os.close(pidfd)
+
+
+async def _relay_log(name: str, fd: int) -> None:
+    """Copy a worker's stderr lines into our log until it closes."""
+    os.set_blocking(fd, False)
+    wlog = logging.getLogger(f"vmd.vionet.{name}")
+    buf = b""
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            wlog.info("%s", line.decode(errors="replace"))
+        if len(buf) > 65536:  # a worker may not grow our memory with an endless line
+            wlog.info("%s", buf.decode(errors="replace"))
+            buf = b""
 
 
 def _listen_unix(path: str) -> socket.socket:
