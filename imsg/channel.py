@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import collections
+import contextlib
 import os
 import select
 import socket
@@ -28,10 +29,8 @@ _FD_SLACK = 32
 
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
 
 
 class ImsgSocket:

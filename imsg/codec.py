@@ -82,7 +82,8 @@ def validate_payload(msg_type: MsgType, payload: object) -> dict[str, Any]:
 
 
 def encode(msg: Imsg, max_size: int = MAX_IMSG_SIZE) -> bytes:
-    """Encode a message; refuses (ValueError) what our own decoder would refuse."""
+    """Encode a message, refusing what our own decoder would refuse: a payload off its schema
+    raises ImsgError(SCHEMA), a wrong fd count or an oversized message ValueError."""
     payload = validate_payload(msg.type, msg.payload)
     spec = CATALOGUE[msg.type]
     if len(msg.fds) != spec.fds:
@@ -126,10 +127,10 @@ def decode(
     if nfds < spec.fds:
         raise ImsgError(ImsgErrorKind.MISSING_FDS, f"{msg_type.name} got {nfds} fds")
     try:
-        # Bounded by max_size already; strict_map_key keeps keys to str/bytes.
+        # unpackb sizes its max_*_len limits from len(data), already bounded by max_size;
+        # strict_map_key keeps keys to str/bytes. Trailing bytes raise ExtraData.
         payload = msgpack.unpackb(
-            data[HEADER_SIZE:], raw=False, strict_map_key=True, use_list=True,
-            max_buffer_size=max_size,
+            data[HEADER_SIZE:], raw=False, strict_map_key=True, use_list=True
         )
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise ImsgError(ImsgErrorKind.BAD_PAYLOAD, type(exc).__name__) from None
@@ -137,5 +138,21 @@ def decode(
     return Imsg(msg_type, validated, [], hdr.peerid, hdr.pid)
 
 
+# A detail of _TEXT_MAX four-byte characters would not fit in MAX_IMSG_SIZE: cap the bytes too.
+_DETAIL_BYTES = 8192
+
+
+def _clip(text: str, max_chars: int, max_bytes: int) -> str:
+    # "replace" turns lone surrogates (e.g. from os.fsdecode) into "?" so msgpack can pack them;
+    # "ignore" drops a character cut in half by the byte limit.
+    clipped = text[:max_chars].encode("utf-8", "replace")[:max_bytes]
+    return clipped.decode("utf-8", "ignore")
+
+
 def error_payload(code: str, detail: str, request: int) -> Mapping[str, Any]:
-    return {"code": code[:64], "detail": detail[:4096], "request": request & 0xFFFF_FFFF}
+    """An ERROR payload that always encodes, whatever the (possibly peer-supplied) strings."""
+    return {
+        "code": _clip(code, _NAME_MAX, 4 * _NAME_MAX),
+        "detail": _clip(detail, _TEXT_MAX, _DETAIL_BYTES),
+        "request": request & 0xFFFF_FFFF,
+    }

@@ -9,6 +9,7 @@ worker always begins from the state the guest has not yet negotiated.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -159,17 +160,19 @@ class Parent:
             nic.proc = proc
             nic.exited = trio.Event()
             log.info("%s: vionet worker pid %d", nic.spec.name, proc.pid)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._serve_then_cancel, nic, sock, nursery.cancel_scope)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._serve_then_cancel, nic, sock, nursery.cancel_scope)
+                    if proc.stderr is not None:
+                        nursery.start_soon(_relay_log, nic.spec.name, proc.stderr.fileno())
+                    await _wait_process(proc)
+                    nic.exited.set()
+                    nursery.cancel_scope.cancel()
+            finally:
+                sock.close()
                 if proc.stderr is not None:
-                    nursery.start_soon(_relay_log, nic.spec.name, proc.stderr.fileno())
-                await _wait_process(proc)
-                nic.exited.set()
-                nursery.cancel_scope.cancel()
-            sock.close()
-            if proc.stderr is not None:
-                proc.stderr.close()
-            nic.chan = None
+                    proc.stderr.close()
+                nic.chan = None
             self._reset_offload(nic)
             if nic.stopping:
                 break
@@ -344,7 +347,5 @@ def _listen_unix(path: str) -> socket.socket:
 
 
 def _unlink_quiet(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

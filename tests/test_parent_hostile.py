@@ -32,7 +32,8 @@ def _raw(msg_type: int, payload: object, flags: int = 0) -> bytes:
 def _send_with_fds(sock: socket.socket, data: bytes, nfds: int) -> None:
     fds = [os.eventfd(0) for _ in range(nfds)]
     try:
-        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{nfds}i", *fds))])
+        rights = struct.pack(f"{nfds}i", *fds)
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
     finally:
         for fd in fds:
             os.close(fd)
