@@ -60,6 +60,8 @@ def _check_value(kind: Kind, value: object) -> bool:
             and len(value) <= _MAP_LIMIT
             and all(_is_str(k, _NAME_MAX) and _is_str(v, _VALUE_MAX) for k, v in value.items())
         )
+    if kind is Kind.DOC:
+        return isinstance(value, dict)
     raise AssertionError(kind)  # pragma: no cover - every Kind is handled above
 
 

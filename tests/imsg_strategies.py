@@ -27,6 +27,16 @@ KIND_VALUES: dict[Kind, st.SearchStrategy[Any]] = {
     Kind.TEXT: st.text(max_size=TEXT_MAX),
     Kind.COUNTERS: st.dictionaries(names, st.integers(0, UINT_MAX[Kind.U64]), max_size=MAP_MAX),
     Kind.STRMAP: st.dictionaries(names, st.text(max_size=STRMAP_VALUE_MAX), max_size=MAP_MAX),
+    Kind.DOC: st.dictionaries(
+        names,
+        st.recursive(
+            st.none() | st.booleans() | st.integers(0, 2**32) | st.text(max_size=32),
+            lambda inner: st.lists(inner, max_size=4)
+            | st.dictionaries(names, inner, max_size=4),
+            max_leaves=10,
+        ),
+        max_size=6,
+    ),
 }
 assert set(KIND_VALUES) == set(Kind), "a new Kind needs a strategy"
 

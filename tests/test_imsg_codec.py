@@ -90,7 +90,7 @@ def test_decode_respects_allow_list_for_valid_messages() -> None:
 def _minimal_payload(msg_type: MsgType) -> dict[str, Any]:
     zero: dict[Kind, Any] = {
         Kind.U8: 0, Kind.U16: 0, Kind.U32: 0, Kind.U64: 0, Kind.BOOL: False,
-        Kind.NAME: "", Kind.TEXT: "", Kind.COUNTERS: {}, Kind.STRMAP: {},
+        Kind.NAME: "", Kind.TEXT: "", Kind.COUNTERS: {}, Kind.STRMAP: {}, Kind.DOC: {},
     }
     return {name: zero[kind] for name, kind in CATALOGUE[msg_type].fields.items()}
 
@@ -104,6 +104,7 @@ _IN_BOUNDS: dict[Kind, list[Any]] = {
     Kind.TEXT: ["", "y" * TEXT_MAX],
     Kind.COUNTERS: [{}, {f"c{i}": i for i in range(MAP_MAX)}, {"n" * NAME_MAX: 2**64 - 1}],
     Kind.STRMAP: [{}, {f"k{i}": "v" for i in range(MAP_MAX)}, {"k": "v" * STRMAP_VALUE_MAX}],
+    Kind.DOC: [{}, {"vms": [{"name": "a", "nics": [{"counters": {"x": 1}}]}]}],
 }
 _OUT_OF_BOUNDS: dict[Kind, list[Any]] = {
     **{k: [-1, top + 1, True, False, 1.0, "1", None, b"\x01"] for k, top in UINT_MAX.items()},
@@ -129,6 +130,7 @@ _OUT_OF_BOUNDS: dict[Kind, list[Any]] = {
         {b"k": "v"},
         "k=v",
     ],
+    Kind.DOC: [[], "doc", 1, None, b"doc"],
 }
 
 
