@@ -101,3 +101,48 @@ def test_live_worker_is_sandboxed_and_probes_fail(in_netns: str) -> None:
             assert parent.nics == {}
 
     trio.run(main)
+
+
+def test_worker_tunscap_sets_tap_offloads_through_the_parent(in_netns: str) -> None:
+    """A guest negotiation over vhost-user reaches the tap only through the parent's ioctl."""
+    from tests.vhost_frontend import FakeFrontend
+    from vmd_py.virtio_defs import NetF, TunF
+
+    async def wait_offload(nic_tap: object, want: int) -> None:
+        with trio.fail_after(10):
+            while nic_tap.read_offload() != want:  # type: ignore[attr-defined]
+                await trio.sleep(0.02)
+
+    async def main() -> None:
+        parent = Parent()
+        with tempfile.TemporaryDirectory() as runtime:
+            path = f"{runtime}/t0.sock"
+            async with trio.open_nursery() as nursery:
+                await nursery.start(parent.run)
+                nic = await parent.add_nic(NicSpec("t0", "vtapt0", offload="all", vhost_path=path))
+                assert nic.tap.read_offload() == 0
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(path)
+                front = FakeFrontend(sock)
+                acked = int(
+                    NetF.VERSION_1 | NetF.CSUM | NetF.GUEST_CSUM | NetF.GUEST_TSO4
+                    | NetF.GUEST_TSO6 | NetF.HOST_TSO4 | NetF.MRG_RXBUF
+                )
+                offered = (await trio.to_thread.run_sync(front.start, acked))["features"]
+                assert offered & NetF.GUEST_CSUM and offered & NetF.GUEST_TSO4
+                await wait_offload(nic.tap, int(TunF.CSUM | TunF.TSO4 | TunF.TSO6))
+                stats = await parent.request("t0", Imsg(MsgType.STATS_REQUEST, {}))
+                assert stats.payload["features_acked"] == acked
+                assert stats.payload["tap_offload"] == TunF.CSUM | TunF.TSO4 | TunF.TSO6
+                # The guest stops the device (GET_VRING_BASE on every ring): back to 0.
+                await trio.to_thread.run_sync(front.stop)
+                await wait_offload(nic.tap, 0)
+                # A guest that acks only checksum offload gets only TUN_F_CSUM.
+                await trio.to_thread.run_sync(
+                    front.start, int(NetF.VERSION_1 | NetF.CSUM | NetF.GUEST_CSUM)
+                )
+                await wait_offload(nic.tap, int(TunF.CSUM))
+                front.close()
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -19,9 +19,12 @@ from imsg.channel import ImsgSocket, TrioImsgChannel
 from imsg.codec import Imsg
 from imsg.errors import ImsgError
 from vionet.counters import Counters
+from vionet.device import NetDevice
 from vionet.probe import run_probes
+from vionet.vhost_session import Session
+from vionet.vhost_user import VhostUserError
 from vmd_py import sandbox
-from vmd_py.virtio_defs import tun_mask_for
+from vmd_py.virtio_defs import NetF, tun_mask_for
 
 log = logging.getLogger("vionet")
 
@@ -53,17 +56,55 @@ class Worker:
         self.tap_offload = 0
         self.paused = False
         self.counters = Counters()
+        self.device: NetDevice | None = None
         self._nursery: trio.Nursery | None = None
 
     def request_offload(self, acked: int) -> None:
-        """Called by the device after SET_FEATURES: ask the parent for the matching tap mask."""
+        """Called by the device after SET_FEATURES (and with 0 when it stops): ask the parent
+        for the matching tap mask. Until it answers, the tap counts as offload-free."""
         self.acked = acked
-        self.tap_offload = 0  # stale until confirmed
+        self.tap_offload = 0
         mask = tun_mask_for(acked)
         assert self._nursery is not None
         self._nursery.start_soon(
             self.chan.send, Imsg(MsgType.TUNSCAP, {"mask": mask, "features": acked})
         )
+
+    def ring_error(self, why: str) -> None:
+        """From a packet thread: the ring is broken; the device needs a reset (counted)."""
+        self.counters.inc("device_needs_reset")
+        log.error("%s: device needs reset: %s", self.args.nic, why)
+
+    async def serve_vhost(self, listener: socket.socket) -> None:
+        """Accept QEMU's vhost-user connection; after a hang-up, accept the next one (QEMU
+        reconnects after a restart of either side)."""
+        listener.setblocking(False)
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            try:
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                continue
+            self.counters.inc("vhost_connections")
+            device = NetDevice(self.args.tap_fd, self.counters, self.request_offload,
+                               self.ring_error)
+            device.set_paused(self.paused)
+            self.device = device
+            session = Session(device, offered_features=self.offered | NetF.PROTOCOL_FEATURES)
+            try:
+                while True:
+                    try:
+                        await session.serve(conn)
+                        break  # peer hung up
+                    except VhostUserError as exc:
+                        self.counters.inc(f"vhost_refused_{exc.reason.value}")
+                        log.warning("%s: vhost-user refused: %s", self.args.nic, exc)
+                        if exc.fatal:
+                            break
+            finally:
+                session.close()
+                conn.close()
+                self.device = None
 
     async def serve_parent(self) -> None:
         while True:
@@ -84,11 +125,10 @@ class Worker:
         elif msg.type is MsgType.PROBE_SANDBOX:
             results = run_probes(self.args.tap_fd, self.args.imsg_fd)
             await self.chan.send(Imsg(MsgType.PROBE_RESULT, {"results": results}))
-        elif msg.type is MsgType.PAUSE:
-            self.paused = True
-            await self.chan.send(Imsg(MsgType.OK, {}))
-        elif msg.type is MsgType.RESUME:
-            self.paused = False
+        elif msg.type in (MsgType.PAUSE, MsgType.RESUME):
+            self.paused = msg.type is MsgType.PAUSE
+            if self.device is not None:
+                self.device.set_paused(self.paused)
             await self.chan.send(Imsg(MsgType.OK, {}))
         elif msg.type is MsgType.TUNSCAP_RESULT:
             self.tap_offload = msg.payload["mask"]
@@ -108,6 +148,8 @@ class Worker:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.args.vhost_fd is not None:
+                nursery.start_soon(self.serve_vhost, socket.socket(fileno=self.args.vhost_fd))
             await self.serve_parent()
             nursery.cancel_scope.cancel()
 
