@@ -63,6 +63,7 @@ class Nic:
     )
     ready: trio.Event = field(default_factory=trio.Event)
     exited: trio.Event = field(default_factory=trio.Event)
+    supervised: trio.Event | None = None  # set when the supervisor task has finished
 
     @property
     def pid(self) -> int | None:
@@ -117,6 +118,7 @@ class Parent:
         nic = self.open_nic(spec)
         if spawn:
             assert self._nursery is not None, "Parent.run is not running"
+            nic.supervised = trio.Event()
             self._nursery.start_soon(self._supervise, nic)
             with trio.fail_after(HELLO_TIMEOUT):
                 await nic.ready.wait()
@@ -128,6 +130,8 @@ class Parent:
             return
         nic.stopping = True
         await self._stop_worker(nic)
+        if nic.supervised is not None:
+            await nic.supervised.wait()
         if nic.vhost_sock is not None:
             nic.vhost_sock.close()
             if nic.spec.vhost_path:
@@ -140,12 +144,19 @@ class Parent:
             return
         proc.send_signal(signal.SIGTERM)
         with trio.move_on_after(3):
-            await _wait_process(proc)
+            await wait_process(proc)
         if proc.returncode is None:
             proc.kill()
-            await _wait_process(proc)
+            await wait_process(proc)
 
     async def _supervise(self, nic: Nic) -> None:
+        try:
+            await self._supervise_loop(nic)
+        finally:
+            if nic.supervised is not None:
+                nic.supervised.set()
+
+    async def _supervise_loop(self, nic: Nic) -> None:
         recent: list[float] = []
         while not nic.stopping:
             self._reset_offload(nic)
@@ -164,8 +175,8 @@ class Parent:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._serve_then_cancel, nic, sock, nursery.cancel_scope)
                     if proc.stderr is not None:
-                        nursery.start_soon(_relay_log, nic.spec.name, proc.stderr.fileno())
-                    await _wait_process(proc)
+                        nursery.start_soon(relay_log, nic.spec.name, proc.stderr.fileno())
+                    await wait_process(proc)
                     nic.exited.set()
                     nursery.cancel_scope.cancel()
             finally:
@@ -195,6 +206,8 @@ class Parent:
 
     def _reset_offload(self, nic: Nic) -> None:
         nic.acked = 0
+        if nic.tap.fd < 0:
+            return
         try:
             nic.tap.set_offload(0)
         except OSError as exc:  # the tap is ours; failing here is a host problem, not the guest's
@@ -300,7 +313,7 @@ def _result_of(request: MsgType) -> MsgType:
     return result
 
 
-async def _wait_process(proc: subprocess.Popen[bytes]) -> None:
+async def wait_process(proc: subprocess.Popen[bytes]) -> None:
     """Wait for exit without blocking trio or racing other waiters (pidfd readiness)."""
     if proc.returncode is not None:
         return
@@ -312,7 +325,7 @@ async def _wait_process(proc: subprocess.Popen[bytes]) -> None:
         os.close(pidfd)
 
 
-async def _relay_log(name: str, fd: int) -> None:
+async def relay_log(name: str, fd: int) -> None:
     """Copy a worker's stderr lines into our log until it closes."""
     os.set_blocking(fd, False)
     wlog = logging.getLogger(f"vmd.vionet.{name}")

@@ -7,8 +7,9 @@ set -euo pipefail
 need_root() { [ "$(id -u)" = 0 ] || { echo "setup-host: must run as root" >&2; exit 1; }; }
 need_root
 
-stamp=/var/lib/vmd-py/setup-host.v1
-if [ -f "$stamp" ] && command -v qemu-system-x86_64 >/dev/null && id _vmd >/dev/null 2>&1; then
+stamp=/var/lib/vmd-py/setup-host.v2
+if [ -f "$stamp" ] && command -v qemu-system-x86_64 >/dev/null && id _vmd >/dev/null 2>&1 \
+   && id _vmdvm >/dev/null 2>&1; then
   exit 0
 fi
 mkdir -p /var/lib/vmd-py
@@ -30,15 +31,19 @@ export DEBIAN_FRONTEND=noninteractive
 echo "setup-host: apt-get update"
 apt-get update -qq
 pkgs=(python3-venv busybox-static iperf3 iproute2 tcpdump cpio gzip kmod libseccomp2 libseccomp-dev
-      linux-image-cloud-amd64 ovmf)
+      ovmf)
 echo "setup-host: installing ${pkgs[*]}"
 apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
 echo "setup-host: installing qemu-system-x86 from ${codename}-backports"
 apt-get install -y -qq --no-install-recommends -t "${codename}-backports" qemu-system-x86 qemu-utils >/dev/null
 
-if ! id _vmd >/dev/null 2>&1; then
-  echo "setup-host: creating system user _vmd"
-  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin _vmd
-fi
+# _vmd runs the sandboxed vionet workers and the control process; _vmdvm runs QEMU, so a
+# compromised QEMU cannot signal or ptrace a worker.
+for user in _vmd _vmdvm; do
+  if ! id "$user" >/dev/null 2>&1; then
+    echo "setup-host: creating system user $user"
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$user"
+  fi
+done
 touch "$stamp"
 echo "setup-host: done ($(qemu-system-x86_64 --version | head -1))"

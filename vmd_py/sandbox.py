@@ -15,6 +15,7 @@ import os
 import pwd
 import resource
 import threading
+from typing import NoReturn
 
 from vmd_py import seccomp_policy
 
@@ -133,14 +134,13 @@ def _unshare_and_chroot(empty_root: str, namespaces: bool) -> None:
         raise SandboxError(f"chroot {empty_root}: {e}") from e
 
 
-def _set_limits() -> None:
+def _set_limits(*, fsize: bool = True) -> None:
     # RLIMIT_NPROC is left alone: it counts every thread of every worker sharing the uid, so a
     # tight value would let one worker starve another; seccomp already forbids fork.
-    limits = {
-        resource.RLIMIT_CORE: 0,  # guest memory must never land in a core file
-        resource.RLIMIT_FSIZE: 0,  # no regular file grows (stdio must be pipes or sockets)
-        resource.RLIMIT_NOFILE: NOFILE_LIMIT,
-    }
+    limits = {resource.RLIMIT_CORE: 0}  # guest memory must never land in a core file
+    if fsize:
+        limits[resource.RLIMIT_FSIZE] = 0  # no regular file grows (stdio: pipes or sockets)
+        limits[resource.RLIMIT_NOFILE] = NOFILE_LIMIT
     for res, value in limits.items():
         _soft, hard = resource.getrlimit(res)
         new = value if hard == resource.RLIM_INFINITY else min(value, hard)
@@ -148,6 +148,32 @@ def _set_limits() -> None:
             resource.setrlimit(res, (new, new))
         except (OSError, ValueError) as e:
             raise SandboxError(f"setrlimit({res}): {e}") from e
+
+
+def _lookup(user: str) -> tuple[int, int]:
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError as e:
+        raise SandboxError(f"no such user {user!r}") from e
+    if pw.pw_uid == 0 or pw.pw_gid == 0:
+        raise SandboxError(f"user {user!r} is root")
+    return pw.pw_uid, pw.pw_gid
+
+
+def _become(uid: int, gid: int, user: str, last_cap: int) -> None:
+    """Drop every capability (bounding and ambient too) and switch to uid/gid for good."""
+    # Dropping from the bounding set needs CAP_SETPCAP, so before the uid changes.
+    for cap in range(last_cap + 1):
+        _prctl(PR_CAPBSET_DROP, cap, f"drop capability {cap} from the bounding set")
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "clear ambient capabilities")
+    try:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as e:
+        raise SandboxError(f"cannot become {user}: {e}") from e
+    # setresuid clears effective and permitted but keeps inheritable: clear all three.
+    _clear_capsets()
 
 
 def drop_privileges(
@@ -163,31 +189,32 @@ def drop_privileges(
     if os.geteuid() != 0:
         raise SandboxError("drop_privileges must start as root")
     last_cap = cap_last_cap()
-    try:
-        pw = pwd.getpwnam(user)
-    except KeyError as e:
-        raise SandboxError(f"no such user {user!r}") from e
-    if pw.pw_uid == 0 or pw.pw_gid == 0:
-        raise SandboxError(f"user {user!r} is root")
-    uid, gid = pw.pw_uid, pw.pw_gid
-
+    uid, gid = _lookup(user)
     _unshare_and_chroot(empty_root, namespaces)
-    # Dropping from the bounding set needs CAP_SETPCAP, so before the uid changes.
-    for cap in range(last_cap + 1):
-        _prctl(PR_CAPBSET_DROP, cap, f"drop capability {cap} from the bounding set")
-    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "clear ambient capabilities")
-    try:
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-    except OSError as e:
-        raise SandboxError(f"cannot become {user}: {e}") from e
-    # setresuid clears effective and permitted but keeps inheritable: clear all three.
-    _clear_capsets()
+    _become(uid, gid, user, last_cap)
     # Workers share a uid: non-dumpable keeps them from ptracing or reading each other's /proc.
     _prctl(PR_SET_DUMPABLE, 0, "clear dumpable")
     _set_limits()
     _verify_dropped(uid, gid, last_cap)
+
+
+def exec_unprivileged(argv: list[str], user: str) -> NoReturn:
+    """Replace this (root, single-threaded) process with ``argv`` running as ``user`` in fresh,
+    empty network, IPC and UTS namespaces, with no capabilities and no_new_privs.
+
+    For programs that need the filesystem (QEMU reads its kernel and firmware), so no chroot
+    and no seccomp of ours: QEMU installs its own (-sandbox on).
+    """
+    if threading.active_count() != 1 or os.geteuid() != 0:
+        raise SandboxError("exec_unprivileged needs a single-threaded root process")
+    last_cap = cap_last_cap()
+    uid, gid = _lookup(user)
+    _check(_libc.unshare(CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+    _become(uid, gid, user, last_cap)
+    _set_limits(fsize=False)
+    _verify_dropped(uid, gid, last_cap)
+    _prctl(PR_SET_NO_NEW_PRIVS, 1, "set no_new_privs")
+    os.execv(argv[0], argv)
 
 
 def _verify_dropped(uid: int, gid: int, last_cap: int) -> None:
