@@ -129,6 +129,7 @@ class VmManager:
                     for vm in list(self.vms.values()):
                         if vm.proc is not None and vm.proc.returncode is None:
                             await self._kill(vm)
+                        await self._cleanup(vm)
 
     # --- queries ----------------------------------------------------------------------------
 

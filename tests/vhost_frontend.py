@@ -220,10 +220,12 @@ class FakeFrontend:
         num_queues: int = 2,
         queue_size: int = 256,
         protocol_features: int | None = None,
+        bases: Sequence[int] = (),
     ) -> dict[str, int]:
         """QEMU's order from connect to running rings; returns what the back-end offered.
 
-        ``protocol_features`` defaults to everything the back-end offers.
+        ``protocol_features`` defaults to everything the back-end offers; ``bases`` are the
+        rings' SET_VRING_BASE values (default 0).
         """
         want_ack, self.reply_ack = self.reply_ack, False
         offered = self.get_features()
@@ -241,7 +243,7 @@ class FakeFrontend:
         self.set_features(acked_features)
         self.set_mem_table()
         for index in range(num_queues):
-            self.setup_queue(index, queue_size)
+            self.setup_queue(index, queue_size, bases[index] if index < len(bases) else 0)
         for index in range(num_queues):
             self.set_vring_enable(index, True)
         self.sync()

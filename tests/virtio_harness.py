@@ -65,7 +65,10 @@ class FakeDriver:
         data_end: int | None = None,
         event_idx: bool = False,
         start_idx: int = 0,
+        used_gpa: int | None = None,
     ) -> None:
+        """``used_gpa`` places the used ring (default: the page after the avail ring), to
+        match a front-end's layout."""
         self.mem = mem
         self.size = size
         self.event_idx = event_idx
@@ -73,7 +76,7 @@ class FakeDriver:
         self.desc_gpa = base_gpa
         self.avail_gpa = base_gpa + 16 * size
         avail_end = self.avail_gpa + 4 + 2 * size + extra
-        self.used_gpa = (avail_end + 4095) & ~4095
+        self.used_gpa = (avail_end + 4095) & ~4095 if used_gpa is None else used_gpa
         used_end = self.used_gpa + 4 + 8 * size + extra
         self.write(base_gpa, bytes(used_end - base_gpa))
         self._data_start = ((used_end + 4095) & ~4095) if data_gpa is None else data_gpa

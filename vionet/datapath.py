@@ -314,8 +314,10 @@ class RxLoop(QueueLoop):
         if verdict.beyond_tap_mask:
             self.counters.inc("rx_beyond_tap_mask")
         if verdict.action is vnethdr.RxAction.SOFT_CSUM:
-            if not csum.complete(frame, n - VNET_HDR_LEN, verdict.hdr.csum_start,
-                                 verdict.hdr.csum_offset):
+            # The tap's offsets: the header the guest gets (verdict.hdr) has them zeroed.
+            tap_hdr = vnethdr.VnetHdr.unpack(raw)
+            if not csum.complete(frame, n - VNET_HDR_LEN, tap_hdr.csum_start,
+                                 tap_hdr.csum_offset):
                 self.counters.inc("rx_drop_bad_csum_offsets")
                 return False
             self.counters.inc("rx_csum_completed")

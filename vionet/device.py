@@ -35,11 +35,13 @@ class NetDevice:
         self.acked = 0
         self.loops: dict[int, QueueLoop] = {}
         self.paused = False
+        self._offload_dropped = False  # every ring stopped: the tap was told 0 meanwhile
 
     # --- DeviceHooks ------------------------------------------------------------------------
 
     def features_set(self, acked: int) -> None:
         self.acked = acked & ~NetF.PROTOCOL_FEATURES
+        self._offload_dropped = False
         self._request_offload(self.acked)
 
     def queue_started(
@@ -57,6 +59,11 @@ class NetDevice:
             loop.paused.set()
         self.loops[index] = loop
         loop.start()
+        if self._offload_dropped:
+            # Restarted without a new SET_FEATURES (QEMU does that after SET_MEM_TABLE on
+            # running rings): the guest's features still hold, and so may the tap's offloads.
+            self._offload_dropped = False
+            self._request_offload(self.acked)
 
     def queue_call_changed(self, index: int, call_fd: int | None) -> None:
         loop = self.loops.get(index)
@@ -69,8 +76,10 @@ class NetDevice:
             return 0
         loop.stop()
         if not self.loops:
-            # The device is stopped (guest reset or shutdown): no offloads until renegotiated.
-            self.acked = 0
+            # The device is stopped (guest reset or shutdown): no tap offloads until a ring
+            # runs again. The acked features stay, as the session's do: a front-end restarts
+            # rings after a new memory table without repeating SET_FEATURES.
+            self._offload_dropped = True
             self._request_offload(0)
         return loop.q.last_avail_idx
 

@@ -1,0 +1,182 @@
+"""Drive a real vmd daemon (and its real QEMU guests) from tests, inside a test netns.
+
+The test process must already be inside a network namespace of its own (the ``in_netns``
+fixture): vmd, its bridges and taps, and every host-side iperf3 inherit it, so no packet leaves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+import tty
+from pathlib import Path
+from typing import Any
+
+RUN_DIR = Path("/run/vmd-py")
+READY = "vmd-guest: ready"
+
+
+class HarnessError(AssertionError):
+    pass
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise HarnessError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class GuestConsole:
+    """The guest's serial shell through its pty (as vmctl console would open it)."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        tty.setraw(self.fd)
+        self._seq = 0
+        self.transcript = bytearray()
+
+    def _read_until(
+        self, pattern: re.Pattern[bytes], start: int, timeout: float
+    ) -> re.Match[bytes]:
+        deadline = time.monotonic() + timeout
+        while True:
+            m = pattern.search(self.transcript, start)
+            if m:
+                return m
+            left = deadline - time.monotonic()
+            if left <= 0:
+                tail = self.transcript[-2000:].decode(errors="replace")
+                raise HarnessError(f"console: no {pattern.pattern!r} in time; tail:\n{tail}")
+            ready, _, _ = select.select([self.fd], [], [], min(left, 0.5))
+            if ready:
+                with contextlib.suppress(BlockingIOError):
+                    self.transcript += os.read(self.fd, 65536)
+
+    def run(self, command: str, timeout: float = 60.0, check: bool = True) -> str:
+        """Run a shell command in the guest; returns its output (stdout+stderr)."""
+        self._seq += 1
+        marker = f"__vmdt{self._seq}__"
+        start = len(self.transcript)
+        os.write(self.fd, f"{command} 2>&1; echo {marker}=$?\n".encode())
+        m = self._read_until(re.compile(rb"\n" + marker.encode() + rb"=(\d+)"), start, timeout)
+        text = self.transcript[start : m.start()].decode(errors="replace").replace("\r", "")
+        # Drop the echoed command line.
+        lines = text.split("\n")
+        out = "\n".join(line for line in lines[1:] if marker not in line)
+        status = int(m.group(1))
+        if check and status != 0:
+            raise HarnessError(f"guest: {command!r} exited {status}:\n{out}")
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Vmd:
+    def __init__(self, workdir: Path, conf: str) -> None:
+        self.workdir = workdir
+        self.conf = workdir / "vm.conf"
+        self.conf.write_text(conf)
+        self.socket = str(workdir / "vmd.sock")
+        self.log = workdir / "vmd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.consoles: list[GuestConsole] = []
+
+    def start(self) -> Vmd:
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vmd_py.vmd", "-d", "-f", str(self.conf),
+                 "-s", self.socket],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        wait_for(lambda: os.path.exists(self.socket) or self.proc.poll() is not None,
+                 30, "the control socket")
+        if self.proc.poll() is not None:
+            raise HarnessError(f"vmd exited: {self.log.read_text()}")
+        return self
+
+    def vmctl(self, *args: str, check: bool = True,
+              timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            [sys.executable, "-m", "vmd_py.vmctl", "-s", self.socket, *args],
+            capture_output=True, text=True, timeout=timeout,
+        )
+        if check and res.returncode != 0:
+            raise HarnessError(f"vmctl {' '.join(args)}: {res.returncode} {res.stderr}")
+        return res
+
+    def status(self, name: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.vmctl("status", "--json", name).stdout)
+        return data
+
+    def console_log(self, name: str) -> str:
+        path = RUN_DIR / name / "console.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait_ready(self, name: str, timeout: float = 90) -> GuestConsole:
+        wait_for(lambda: READY in self.console_log(name), timeout, f"{name} to boot")
+        tty_path = self.status(name)["tty"]
+        con = GuestConsole(tty_path)
+        self.consoles.append(con)
+        con.run("true", timeout=30)  # the shell answers
+        return con
+
+    def stop(self) -> None:
+        for con in self.consoles:
+            with contextlib.suppress(OSError):
+                con.close()
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> Vmd:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def iperf3(server: str, seconds: int = 5, reverse: bool = False,
+           extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Host-side iperf3 client (in the test's netns) against a guest; parsed JSON result."""
+    argv = ["iperf3", "-c", server, "-t", str(seconds), "-J", *extra]
+    if reverse:
+        argv.append("-R")
+    for _attempt in range(20):
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+        data: dict[str, Any] = json.loads(res.stdout)
+        error = data.get("error")
+        # The guest's iperf3 -s takes a moment to accept the next test after the last one.
+        if error and ("refused" in error or "busy" in error):
+            time.sleep(0.5)
+            continue
+        if error:
+            raise HarnessError(f"iperf3: {error}")
+        return data
+    raise HarnessError(f"iperf3: server {server} never accepted a test")
+
+
+def gbps(result: dict[str, Any]) -> float:
+    return float(result["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def retransmits(result: dict[str, Any]) -> int:
+    return int(result["end"]["sum_sent"].get("retransmits", 0))
