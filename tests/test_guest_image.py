@@ -57,6 +57,7 @@ def test_initrd_has_init_busybox_iperf3(entries: dict[str, gi.CpioEntry]) -> Non
     assert _target(entries, "bin/sh").data[:4] == b"\x7fELF"
     assert _target(entries, "bin/busybox").data == entries["bin/busybox"].data
     assert entries["usr/bin/iperf3"].data[:4] == b"\x7fELF"
+    assert entries["sbin/ethtool"].data[:4] == b"\x7fELF"
     console = entries["dev/console"]
     assert stat.S_ISCHR(console.mode) and console.rdev == (5, 1)
 
@@ -67,7 +68,8 @@ def test_every_elf_finds_its_libraries(entries: dict[str, gi.CpioEntry]) -> None
     assert interp == "/lib64/ld-linux-x86-64.so.2"
     elves = [p for p, e in entries.items()
              if stat.S_ISREG(e.mode) and e.data[:4] == b"\x7fELF" and not p.endswith(".ko")]
-    assert "lib/x86_64-linux-gnu/libiperf.so.0" in elves
+    assert f"{LIBDIR}/libiperf.so.0" in elves
+    assert f"{LIBDIR}/libmnl.so.0" in elves
     for path in elves:
         needed, interp = gi.elf_needed(entries[path].data)
         for soname in needed:

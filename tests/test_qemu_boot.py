@@ -168,9 +168,13 @@ def test_static_ip_on_a_tap_in_a_private_netns(image: GuestImage, tmp_path: Path
                 # csum=off on the device; the tap peer still gives GUEST_CSUM and MRG_RXBUF.
                 feats = await g.console.run_command("cat /sys/class/net/eth0/device/features")
                 assert (feats[0], feats[1], feats[15]) == ("0", "1", "1"), feats
-            # The guest's iperf3 server (and every library it loads) works.
+                tx = await g.console.run_command("ethtool -k eth0 | grep tx-checksumming")
+                assert tx.endswith("tx-checksumming: off"), tx
+            # The guest's iperf3 server (and every library it loads) works. nsenter: trio
+            # spawns from worker threads, which need not be in this thread's netns.
             iperf = await trio.run_process(
-                ["iperf3", "-c", "10.77.0.2", "-t", "1", "-J"], capture_stdout=True,
+                ["nsenter", f"--net=/run/netns/{in_netns}", "--", "iperf3", "-c", "10.77.0.2",
+                 "-t", "1", "-J", "--connect-timeout", "5000"], capture_stdout=True,
                 stderr=subprocess.STDOUT, check=False)
             assert iperf.returncode == 0, iperf.stdout.decode()
             assert b'"bits_per_second"' in iperf.stdout

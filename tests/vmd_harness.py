@@ -165,7 +165,8 @@ def iperf3(server: str, seconds: int = 5, reverse: bool = False,
         data: dict[str, Any] = json.loads(res.stdout)
         error = data.get("error")
         # The guest's iperf3 -s takes a moment to accept the next test after the last one.
-        if error and ("refused" in error or "busy" in error):
+        if error and any(w in error for w in ("refused", "busy", "unable to send cookie",
+                                             "reset by peer")):
             time.sleep(0.5)
             continue
         if error:
