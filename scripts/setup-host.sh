@@ -7,7 +7,7 @@ set -euo pipefail
 need_root() { [ "$(id -u)" = 0 ] || { echo "setup-host: must run as root" >&2; exit 1; }; }
 need_root
 
-stamp=/var/lib/vmd-py/setup-host.v2
+stamp=/var/lib/vmd-py/setup-host.v3
 if [ -f "$stamp" ] && command -v qemu-system-x86_64 >/dev/null && id _vmd >/dev/null 2>&1 \
    && id _vmdvm >/dev/null 2>&1; then
   exit 0
@@ -30,8 +30,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 echo "setup-host: apt-get update"
 apt-get update -qq
-pkgs=(python3-venv busybox-static iperf3 iproute2 tcpdump cpio gzip kmod libseccomp2 libseccomp-dev
-      ovmf)
+pkgs=(python3-venv busybox-static iperf3 iputils-ping iproute2 cpio gzip kmod libseccomp2)
 echo "setup-host: installing ${pkgs[*]}"
 apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
 echo "setup-host: installing qemu-system-x86 from ${codename}-backports"

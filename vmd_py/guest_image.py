@@ -24,10 +24,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 DEFAULT_CACHE = Path("/var/cache/vmd-py/guest")
 KERNEL_META = "linux-image-cloud-amd64"
-ROOT_PACKAGES = ("busybox-static", "iperf3")
+# Dynamically linked programs in the guest: package -> path inside it. Their
+# libraries are found by following DT_NEEDED, not by copying the host's.
+PROGRAMS = {"iperf3": "usr/bin/iperf3", "ethtool": "sbin/ethtool"}
+ROOT_PACKAGES = ("busybox-static", *PROGRAMS)
 # Modules /init loads, in dependency order, together with what they need.
 WANTED_MODULES = ("virtio_pci", "virtio_net", "button", "evdev")
 LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib", "usr/lib")
@@ -298,9 +301,9 @@ class _Builder:
             self.roots[pkg.name] = extract(download(pkg, self.debs), self.work / pkg.name)
         return self.roots[pkg.name]
 
-    def libraries(self, root_pkg: PkgInfo, binary: Path) -> tuple[dict[str, bytes],
-                                                                  dict[str, str]]:
-        """Files and symlinks of every shared object binary needs, transitively."""
+    def libraries(self, programs: dict[PkgInfo, Path]) -> tuple[dict[str, bytes],
+                                                               dict[str, str]]:
+        """Files and symlinks of every shared object the programs need, transitively."""
         files: dict[str, bytes] = {}
         links: dict[str, str] = {}
         done: set[str] = set()
@@ -329,9 +332,11 @@ class _Builder:
             unresolved.discard(name)
             scan(data)
 
-        scan(binary.read_bytes())
-        queue = collections.deque(root_pkg.depends)
-        seen = {root_pkg.name}
+        queue: collections.deque[str] = collections.deque()
+        for pkg, binary in programs.items():
+            scan(binary.read_bytes())
+            queue.extend(pkg.depends)
+        seen = {pkg.name for pkg in programs}
         while unresolved:
             # Library packages only (Debian policy names them lib*): follow the
             # dependency graph just until every soname is found.
@@ -423,7 +428,7 @@ def _entries(files: dict[str, bytes], symlinks: dict[str, str], init: bytes) -> 
 
 
 def _is_exec(path: str) -> bool:
-    return path.startswith(("bin/", "usr/bin/")) or ".so" in path
+    return path.startswith(("bin/", "sbin/", "usr/bin/", "usr/sbin/")) or ".so" in path
 
 
 def _manifest_ok(image_dir: Path, packages: dict[str, str], init: bytes) -> dict[str, object]:
@@ -485,9 +490,10 @@ def ensure_guest_image(cache_dir: Path | None = None, force: bool = False) -> Gu
         files: dict[str, bytes] = {}
         symlinks = {"bin/sh": "busybox"}
         files["bin/busybox"] = (b.roots["busybox-static"] / "bin/busybox").read_bytes()
-        iperf = b.roots["iperf3"] / "usr/bin/iperf3"
-        files["usr/bin/iperf3"] = iperf.read_bytes()
-        libs, lib_links = b.libraries(infos["iperf3"], iperf)
+        programs = {infos[name]: b.roots[name] / path for name, path in PROGRAMS.items()}
+        for name, path in PROGRAMS.items():
+            files[path] = (b.roots[name] / path).read_bytes()
+        libs, lib_links = b.libraries(programs)
         files.update(libs)
         symlinks.update(lib_links)
         mod_files, order, moddep = b.modules(kroot, kver)

@@ -14,6 +14,7 @@ import ctypes
 import os
 import pwd
 import resource
+import signal
 import threading
 from typing import NoReturn
 
@@ -29,6 +30,7 @@ MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
+PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
@@ -174,6 +176,11 @@ def _become(uid: int, gid: int, user: str, last_cap: int) -> None:
         raise SandboxError(f"cannot become {user}: {e}") from e
     # setresuid clears effective and permitted but keeps inheritable: clear all three.
     _clear_capsets()
+    # Die with the parent (vmd) rather than linger as an orphan holding guest resources. The
+    # kernel clears this on credential changes, so it is set after them; it survives execve.
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "set parent-death signal")
+    if os.getppid() == 1:
+        raise SandboxError("the parent is already gone")
 
 
 def drop_privileges(
