@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import sys
 from collections import deque
 from collections.abc import Sequence
 
@@ -38,8 +39,8 @@ MAX_QUEUE_SIZE = 32768
 DEFAULT_MAX_CHAIN_BYTES = 12 + 65535 + 14 + 4 + 4096  # GSO frame + vnet header + slack
 
 _DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
-_USED_ELEM = struct.Struct("<II")
+# Virtio 1.x rings are little-endian; the typed views below use the host's order.
+assert sys.byteorder == "little", "vionet's ring access assumes a little-endian host"
 
 
 class RingErrorReason(enum.StrEnum):
@@ -160,11 +161,18 @@ class SplitQueue:
         self.event_idx = event_idx
         self.indirect = indirect
         self.max_chain_bytes = max_chain_bytes
+        # Ring indexes are shared with a driver running concurrently: every 16-bit index or
+        # event field is read and written through typed views, i.e. one 16-bit load or store.
+        # struct's "<H" goes byte by byte, and a torn used->idx (e.g. 0x00ff -> 0x0000 -> 0x0100)
+        # lets the driver read a stale used entry: Linux's "id N is not a head!".
+        self._avail16 = self._avail.cast("H")
+        self._used16 = self._used.cast("H")
+        self._used32 = self._used[4 : 4 + 8 * size].cast("I")
         self._mask = size - 1
         self._last_avail = last_avail_idx & 0xFFFF
         self._avail_cache = self._last_avail
         if used_idx is None:
-            used_idx = _U16.unpack_from(self._used, 2)[0]
+            used_idx = self._used16[1]
         self._used_idx = used_idx & 0xFFFF
         self._published = self._used_idx
         self._signalled = self._used_idx
@@ -202,7 +210,7 @@ class SplitQueue:
 
     def avail_idx(self) -> int:
         """The driver's avail index, read from the ring now."""
-        idx: int = _U16.unpack_from(self._avail, 2)[0]
+        idx: int = self._avail16[1]
         return idx
 
     def pending(self) -> int:
@@ -213,7 +221,7 @@ class SplitQueue:
     def _refresh(self) -> None:
         if self.broken is not None:
             raise self.broken
-        idx: int = _U16.unpack_from(self._avail, 2)[0]
+        idx: int = self._avail16[1]
         if (idx - self._last_avail) & 0xFFFF > self.size:
             self._break(
                 RingErrorReason.AVAIL_IDX_JUMP,
@@ -241,7 +249,7 @@ class SplitQueue:
         elif self.broken is not None:
             raise self.broken
         slot = self._last_avail & self._mask
-        head: int = _U16.unpack_from(self._avail, 4 + 2 * slot)[0]
+        head: int = self._avail16[2 + slot]
         if head >= self.size:
             self._break(RingErrorReason.HEAD_OUT_OF_RANGE, f"head {head}, size {self.size}")
         self._last_avail = (self._last_avail + 1) & 0xFFFF
@@ -362,7 +370,10 @@ class SplitQueue:
 
     def push(self, head: int, written: int) -> None:
         """Add a used element (not visible to the driver until :meth:`publish`)."""
-        _USED_ELEM.pack_into(self._used, 4 + 8 * (self._used_idx & self._mask), head, written)
+        slot = 2 * (self._used_idx & self._mask)
+        used32 = self._used32
+        used32[slot] = head
+        used32[slot + 1] = written
         self._used_idx = (self._used_idx + 1) & 0xFFFF
         recent = self._unpoppable
         if recent:
@@ -381,7 +392,7 @@ class SplitQueue:
         """Make pushed elements visible: the elements were written first, now used->idx."""
         if self._published == self._used_idx:
             return False
-        _U16.pack_into(self._used, 2, self._used_idx)
+        self._used16[1] = self._used_idx
         self._published = self._used_idx
         return True
 
@@ -398,9 +409,9 @@ class SplitQueue:
         self._signalled = new
         self._signalled_valid = True
         if not self.event_idx:
-            flags: int = _U16.unpack_from(self._avail, 0)[0]
+            flags: int = self._avail16[0]
             return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
-        event: int = _U16.unpack_from(self._avail, self._used_event_off)[0]
+        event: int = self._avail16[self._used_event_off // 2]
         return not valid or vring_need_event(event, new, old)
 
     # -- kick suppression ------------------------------------------------------------------
@@ -409,12 +420,12 @@ class SplitQueue:
         """EVENT_IDX: ask for a kick once the driver makes entry ``idx`` (default: the next
         one we would pop) available."""
         value = self._last_avail if idx is None else idx & 0xFFFF
-        _U16.pack_into(self._used, self._avail_event_off, value)
+        self._used16[self._avail_event_off // 2] = value
 
     def disable_notifications(self) -> None:
         """Ask the driver not to kick while we are draining anyway."""
         if not self.event_idx:
-            _U16.pack_into(self._used, 0, VIRTQ_USED_F_NO_NOTIFY)
+            self._used16[0] = VIRTQ_USED_F_NO_NOTIFY
         # With EVENT_IDX a stale avail_event already suppresses kicks.
 
     def enable_notifications(self) -> bool:
@@ -422,5 +433,5 @@ class SplitQueue:
         if self.event_idx:
             self.set_avail_event()
         else:
-            _U16.pack_into(self._used, 0, 0)
+            self._used16[0] = 0
         return self.pending() > 0
