@@ -4,7 +4,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: all setup host venv test lint demo bench clean
+.PHONY: all setup host venv guest test lint demo bench clean
 
 all: test
 
@@ -21,11 +21,18 @@ venv: host $(STAMP)
 
 setup: venv
 
+# The default guest (Debian kernel, busybox, iperf3); cached, rebuilt only when inputs change.
+guest: venv
+	$(VPY) -m vmd_py.guest_image
+
+demo: guest
+	$(VPY) scripts/demo.py
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: venv
+test: guest
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VPY) -m pytest

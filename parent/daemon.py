@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -23,6 +24,7 @@ from imsg.channel import ImsgSocket, TrioImsgChannel, socketpair
 from imsg.codec import Imsg
 from imsg.errors import ImsgError
 from parent import bridge
+from parent.options import OptionError, start_conf
 from parent.spawn import EMPTY_ROOT, SANDBOX_USER, ensure_empty_root
 from parent.supervisor import Parent, relay_log, wait_process
 from parent.vm import VmError, VmManager
@@ -80,12 +82,27 @@ class Daemon:
                 bridge.ensure_bridge(sw.ifname, up=sw.up)
 
     async def _start_enabled(self) -> None:
-        for name, conf in self.config.vms.items():
-            if conf.enabled:
-                try:
-                    await self.vms.start(name)
-                except (VmError, OSError) as exc:
-                    log.error("%s: start failed: %s", name, exc)
+        names = [name for name, conf in self.config.vms.items() if conf.enabled]
+        cfg = self.config
+        if not cfg.staggered_start or not cfg.staggered_parallel:
+            for name in names:
+                await self._start_logged(name)
+            return
+        # staggered start: `parallel` VMs at a time, `delay` seconds between the groups.
+        step = cfg.staggered_parallel
+        for i in range(0, len(names), step):
+            if i:
+                await trio.sleep(cfg.staggered_delay)
+            log.info("staggered start: %s", " ".join(names[i : i + step]))
+            async with trio.open_nursery() as nursery:
+                for name in names[i : i + step]:
+                    nursery.start_soon(self._start_logged, name)
+
+    async def _start_logged(self, name: str) -> None:
+        try:
+            await self.vms.start(name)
+        except (VmError, OSError) as exc:
+            log.error("%s: start failed: %s", name, exc)
 
     # --- control process ----------------------------------------------------------------------
 
@@ -186,19 +203,12 @@ class Daemon:
             entries = await self.vms.status(p["name"])
             return Imsg(MsgType.CTL_STATUS_RESULT, {"vms": {"list": entries}})
         if t is MsgType.CTL_STOP and p["all"]:
-            if uid != 0:
-                return _result(False, "permission denied", errno.EPERM)
-            for name in list(self.vms.vms):
-                if self.vms.vms[name].proc is not None:
-                    with contextlib.suppress(VmError):
-                        await self.vms.stop(name, force=p["force"], wait=p["wait"])
-            return _result(True, "stopped all VMs")
-        if t in (MsgType.CTL_START, MsgType.CTL_STOP, MsgType.CTL_PAUSE, MsgType.CTL_UNPAUSE,
+            return await self._stop_all(p["force"], p["wait"], uid, gid)
+        if t is MsgType.CTL_START:
+            return await self._start(p["name"], p.get("options") or {}, uid, gid)
+        if t in (MsgType.CTL_STOP, MsgType.CTL_PAUSE, MsgType.CTL_UNPAUSE,
                  MsgType.CTL_WAIT, MsgType.CTL_CONSOLE):
             self._check_owner(p["name"], uid, gid)
-        if t is MsgType.CTL_START:
-            vm = await self.vms.start(p["name"])
-            return _result(True, f"started vm {vm.vm_id} successfully, tty {vm.tty or '-'}")
         if t is MsgType.CTL_STOP:
             await self.vms.stop(p["name"], force=p["force"], wait=p["wait"])
             return _result(True, f"sent request to terminate vm {p['name']}")
@@ -227,6 +237,32 @@ class Daemon:
             return await self.reset(p["what"])
         return _result(False, f"{t.name}: not supported", errno.EOPNOTSUPP)
 
+    async def _start(self, name: str, options: dict[str, Any], uid: int, gid: int) -> Imsg:
+        existing = self.vms.known_conf(name)
+        if existing is not None and "template" not in options:
+            self._check_owner(name, uid, gid)
+        try:
+            conf = start_conf(self.config, name, existing, options, uid, gid)
+        except OptionError as exc:
+            return _result(False, str(exc), exc.code)
+        vm = await self.vms.start(name, conf)
+        return _result(True, f"started vm {vm.vm_id} successfully, tty {vm.tty or '-'}")
+
+    async def _stop_all(self, force: bool, wait: bool, uid: int, gid: int) -> Imsg:
+        """stop -a: every running VM the client may stop (all of them for root)."""
+        async with trio.open_nursery() as nursery:
+            for name, vm in list(self.vms.vms.items()):
+                if vm.proc is None or vm.proc.returncode is not None:
+                    continue
+                if uid != 0 and not _owns(vm.conf.owner_user, vm.conf.owner_group, uid, gid):
+                    continue
+                nursery.start_soon(self._stop_quietly, name, force, wait)
+        return _result(True, "stopped all VMs")
+
+    async def _stop_quietly(self, name: str, force: bool, wait: bool) -> None:
+        with contextlib.suppress(VmError):
+            await self.vms.stop(name, force=force, wait=wait)
+
     async def reload(self, path: str, keep: bool = False) -> Imsg:
         """Re-read the configuration (``keep``: add to it, as vmctl load does)."""
         try:
@@ -241,6 +277,9 @@ class Daemon:
         else:
             merged = new
             self.config = new
+            # vmctl reload: stopped VMs go; running ones keep their configuration until
+            # they stop.
+            self.vms.forget_stopped()
         self.vms.config = merged
         self._switches(merged)
         for name, conf in new.vms.items():

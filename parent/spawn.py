@@ -28,6 +28,9 @@ class WorkerArgs:
     user: str = SANDBOX_USER
     empty_root: str = EMPTY_ROOT
     extra: list[str] = field(default_factory=list)
+    # A local interface's /31 (dotted quads): the worker answers the guest's DHCP with them.
+    local_guest: str | None = None
+    local_host: str | None = None
 
 
 def ensure_empty_root(path: str = EMPTY_ROOT) -> None:
@@ -62,6 +65,8 @@ def spawn_vionet(
         argv += ["--mac", args.mac]
     if args.locked:
         argv.append("--locked")
+    if args.local_guest and args.local_host:
+        argv += ["--local-guest", args.local_guest, "--local-host", args.local_host]
     argv += args.extra
     try:
         proc = subprocess.Popen(

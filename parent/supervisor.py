@@ -25,6 +25,7 @@ from imsg.codec import Imsg
 from imsg.errors import ImsgError
 from parent import bridge
 from parent.broker import NicPolicy, TunscapRefused, allowed_mask, decide, offered_features
+from parent.local import LocalAddrs, assign_host_address
 from parent.spawn import EMPTY_ROOT, SANDBOX_USER, WorkerArgs, spawn_vionet
 from parent.tap import Tap
 
@@ -44,6 +45,7 @@ class NicSpec:
     mac: str | None = None
     locked: bool = False
     vhost_path: str | None = None  # where QEMU will connect (the parent listens, vionet accepts)
+    local: LocalAddrs | None = None  # local interface: the /31 (host side goes on the tap)
 
 
 @dataclass
@@ -104,6 +106,8 @@ class Parent:
                 bridge.attach(tap.name, spec.switch)
             else:
                 bridge.set_up(tap.name)
+            if spec.local is not None:
+                assign_host_address(tap.name, spec.local)
             vhost_sock = _listen_unix(spec.vhost_path) if spec.vhost_path else None
         except BaseException:
             tap.close()
@@ -164,6 +168,8 @@ class Parent:
                 WorkerArgs(
                     nic.spec.name, nic.policy.offered, nic.spec.mac, nic.spec.locked,
                     self.user, self.empty_root,
+                    local_guest=str(nic.spec.local.guest) if nic.spec.local else None,
+                    local_host=str(nic.spec.local.host) if nic.spec.local else None,
                 ),
                 nic.tap.fd,
                 nic.vhost_sock.fileno() if nic.vhost_sock else None,
@@ -175,7 +181,9 @@ class Parent:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._serve_then_cancel, nic, sock, nursery.cancel_scope)
                     if proc.stderr is not None:
-                        nursery.start_soon(relay_log, nic.spec.name, proc.stderr.fileno())
+                        nursery.start_soon(
+                            relay_log, f"vionet.{nic.spec.name}", proc.stderr.fileno()
+                        )
                     await wait_process(proc)
                     nic.exited.set()
                     nursery.cancel_scope.cancel()
@@ -328,7 +336,7 @@ async def wait_process(proc: subprocess.Popen[bytes]) -> None:
 async def relay_log(name: str, fd: int) -> None:
     """Copy a worker's stderr lines into our log until it closes."""
     os.set_blocking(fd, False)
-    wlog = logging.getLogger(f"vmd.vionet.{name}")
+    wlog = logging.getLogger(f"vmd.{name}")
     buf = b""
     while True:
         await trio.lowlevel.wait_readable(fd)

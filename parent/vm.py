@@ -8,7 +8,6 @@ directory, its QMP socket and its serial pty.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import enum
 import grp
@@ -17,22 +16,35 @@ import os
 import pwd
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import trio
 
 from imsg.catalogue import MsgType
 from imsg.codec import Imsg
+from parent.local import LocalAddressError, local_addrs_for
 from parent.supervisor import NicSpec, Parent, relay_log, wait_process
 from vmd_py.accel import probe_accel
-from vmd_py.config.model import Config, NicConf, VmConf
+from vmd_py.config.model import MAX_DISKS, Config, NicConf, VmConf
 from vmd_py.guest_image import ensure_guest_image
-from vmd_py.qemu import NicBackend, QemuVm, Serial, build_argv, guest_cmdline
+from vmd_py.qemu import (
+    DriveBackend,
+    NicBackend,
+    QemuConfigError,
+    QemuVm,
+    Serial,
+    build_argv,
+    guest_cmdline,
+    image_format,
+    pass_fds,
+    qcow2_backing_file,
+)
 from vmd_py.qmp import QmpClient, QmpError, qmp_connect
 from vmd_py.virtio_defs import NetF, TunF, flag_names
 
@@ -41,7 +53,9 @@ log = logging.getLogger("vmd.vm")
 QEMU_USER = "_vmdvm"
 RUN_DIR = Path("/run/vmd-py")
 FORCE_STOP_GRACE = 10.0
-RESTART_WINDOW = 6.0  # vmd: three restarts each within this many seconds -> give up
+# vmd's start rate limit: a start less than RESTART_WINDOW s after the previous one counts as
+# quick; the RESTART_LIMIT-th quick start in a row is refused. A slower start resets the count.
+RESTART_WINDOW = 6.0
 RESTART_LIMIT = 3
 
 
@@ -80,11 +94,12 @@ class VmRun:
     rundir: Path | None = None
     owner_uid: int | None = None
     owner_gid: int | None = None
-    restarts: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=3))
+    quick_starts: int = 0
     stop_requested: bool = False
     shutdown_reason: str | None = None  # from QMP's SHUTDOWN event
     exited: trio.Event = field(default_factory=trio.Event)
-    started_at: float = 0.0
+    started_at: float | None = None
+    fds: list[int] = field(default_factory=list)  # image fds open only until QEMU has them
 
     @property
     def name(self) -> str:
@@ -105,13 +120,23 @@ def _resolve_owner(user: str | None, group: str | None) -> tuple[int | None, int
     return uid, gid
 
 
+async def _relay_stderr(name: str, stream: IO[bytes]) -> None:
+    # The relay owns the pipe: closing it elsewhere while it waits on the fd (a reboot's
+    # cleanup) would hand the number to the next QEMU's pipe under its feet.
+    try:
+        await relay_log(name, stream.fileno())
+    finally:
+        stream.close()
+
+
 class VmManager:
     def __init__(self, parent: Parent, config: Config, *, qemu_user: str = QEMU_USER,
-                 run_dir: Path = RUN_DIR) -> None:
+                 run_dir: Path | None = None) -> None:
         self.parent = parent
         self.config = config
         self.qemu_user = qemu_user
-        self.run_dir = run_dir
+        # One directory per daemon: two vmd instances (tests, demos) never share VM dirs.
+        self.run_dir = run_dir or RUN_DIR / str(os.getpid())
         self.vms: dict[str, VmRun] = {}
         self._next_id = 1
         self._accel: str | None = None
@@ -130,6 +155,7 @@ class VmManager:
                         if vm.proc is not None and vm.proc.returncode is None:
                             await self._kill(vm)
                         await self._cleanup(vm)
+                    shutil.rmtree(self.run_dir, ignore_errors=True)
 
     # --- queries ----------------------------------------------------------------------------
 
@@ -204,14 +230,29 @@ class VmManager:
 
     # --- start ------------------------------------------------------------------------------
 
+    def known_conf(self, name: str) -> VmConf | None:
+        """The configuration ``name`` would start with: a started VM's own (ad-hoc VMs and
+        instances have no vm.conf entry), else vm.conf's."""
+        vm = self.vms.get(name)
+        return vm.conf if vm is not None else self.config.vms.get(name)
+
+    def forget_stopped(self) -> None:
+        """Drop stopped VMs (vmctl reload), so that only the new vm.conf's remain."""
+        for name, vm in list(self.vms.items()):
+            if vm.state is State.STOPPED:
+                del self.vms[name]
+
     async def start(self, name: str, conf: VmConf | None = None) -> VmRun:
-        conf = conf or self.conf_for(name)
+        conf = conf or self.known_conf(name) or self.conf_for(name)
         vm = self.vms.get(name)
         if vm is not None and vm.state is not State.STOPPED:
             raise VmError(f"{name}: VM is already running", 16)  # EBUSY
-        if vm is not None and len(vm.restarts) == RESTART_LIMIT and \
-                time.monotonic() - vm.restarts[0] < RESTART_WINDOW * RESTART_LIMIT:
-            raise VmError(f"{name}: restarted too quickly", 16)
+        if vm is not None and vm.started_at is not None:
+            quick = time.monotonic() - vm.started_at < RESTART_WINDOW
+            vm.quick_starts = vm.quick_starts + 1 if quick else 0
+            if vm.quick_starts >= RESTART_LIMIT:
+                log.warning("%s: restarted too quickly", name)
+                raise VmError(f"{name}: restarted too quickly", 1)  # EPERM, as vmd
         if vm is None:
             vm = VmRun(conf, self._next_id)
             self._next_id += 1
@@ -270,18 +311,31 @@ class VmManager:
                 locked=self.config.nic_locked(nconf),
                 vhost_path=str(rundir / f"net{index}.sock"),
             )
+            # --- local interface (parent/local.py): the NIC's /31; the supervisor puts the
+            # host side on the tap and hands both addresses to the worker for its DHCP.
+            try:
+                spec.local = local_addrs_for(self.config, nconf, vm.vm_id, index)
+            except LocalAddressError as exc:
+                raise VmError(f"{vm.name}: {exc}") from exc
+            # --- end local interface
             vm.nics.append(NicRun(spec, nconf, spec.switch))
             await self.parent.add_nic(spec)
             os.chown(spec.vhost_path or "", qemu_pw.pw_uid, qemu_pw.pw_gid)
             backends.append(NicBackend("vhost-user", spec.mac or "", Path(spec.vhost_path or "")))
 
-        if conf.kernel:
-            kernel, initrd = Path(conf.kernel), Path(conf.initrd) if conf.initrd else None
-        else:
-            image = await trio.to_thread.run_sync(ensure_guest_image)
-            kernel, initrd = image.kernel, image.initrd
-        if initrd is None:
-            raise VmError(f"{vm.name}: boot without initrd is not supported yet")
+        kernel: Path | None = None
+        initrd: Path | None = None
+        if conf.boot_device is None:
+            # Direct Linux boot. A kernel without an initrd of its own (vmctl start -b) gets
+            # the default guest's initrd, so that `-b` alone boots a usable system.
+            if conf.kernel is None or conf.initrd is None:
+                image = await trio.to_thread.run_sync(ensure_guest_image)
+                kernel, initrd = image.kernel, image.initrd
+            if conf.kernel is not None:
+                kernel = Path(conf.kernel)
+            if conf.initrd is not None:
+                initrd = Path(conf.initrd)
+        disks, cdrom = self._open_drives(vm)
         if self._accel is None:
             self._accel = await trio.to_thread.run_sync(probe_accel)
         qemu = QemuVm(
@@ -295,23 +349,76 @@ class VmManager:
             qmp_path=rundir / "qmp.sock",
             serial=Serial("pty", logfile=rundir / "console.log"),
             nics=backends,
+            disks=disks,
+            cdrom=cdrom,
+            boot=conf.boot_device or "kernel",
         )
-        argv = [sys.executable, "-m", "vmd_py.sandbox_exec", self.qemu_user, "--",
-                *build_argv(qemu)]
-        vm.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            close_fds=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-        )
+        try:
+            argv = [sys.executable, "-m", "vmd_py.sandbox_exec", self.qemu_user, "--",
+                    *build_argv(qemu)]
+        except QemuConfigError as exc:
+            raise VmError(f"{vm.name}: {exc}") from exc
+        try:
+            # The image fds keep their numbers in QEMU (-add-fd fd=N names them) and survive
+            # sandbox_exec's execv: inherited fds are not close-on-exec.
+            vm.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, close_fds=True, pass_fds=pass_fds(qemu),
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+            )
+        finally:
+            self._close_fds(vm)
         vm.started_at = time.monotonic()
         log.info("%s: started QEMU pid %d (%s)", vm.name, vm.proc.pid, qemu.accel)
         assert self._nursery is not None
         if vm.proc.stderr is not None:
-            self._nursery.start_soon(relay_log, f"qemu.{vm.name}", vm.proc.stderr.fileno())
+            self._nursery.start_soon(_relay_stderr, f"qemu.{vm.name}", vm.proc.stderr)
         vm.qmp = await self._connect_qmp(vm, rundir / "qmp.sock")
         vm.tty = await self._find_pty(vm.qmp)
         if vm.tty and vm.owner_uid is not None:
             os.chown(vm.tty, vm.owner_uid, -1)
         vm.state = State.RUNNING
+
+    def _open_drives(self, vm: VmRun) -> tuple[list[DriveBackend], DriveBackend | None]:
+        """Open the VM's images here, as root (disks read-write, the cdrom read-only): QEMU
+        gets the fds and never needs permission on the files."""
+        disks: list[DriveBackend] = []
+        cdrom = None
+        try:
+            for i, disk in enumerate(vm.conf.disks):
+                fd = self._open_image(vm, disk.path, os.O_RDWR)
+                fmt = disk.format or image_format(fd)
+                if fmt == "qcow2" and qcow2_backing_file(fd):
+                    raise VmError(f"{vm.name}: disk {disk.path}: qcow2 images with a backing "
+                                  "file are not supported")
+                ro_fd = self._open_image(vm, disk.path, os.O_RDONLY)
+                disks.append(DriveBackend((fd, ro_fd), i + 1, fmt))
+            if vm.conf.cdrom is not None:
+                fd = self._open_image(vm, vm.conf.cdrom, os.O_RDONLY)
+                cdrom = DriveBackend((fd,), MAX_DISKS + 1, image_format(fd), readonly=True)
+        except BaseException:
+            self._close_fds(vm)
+            raise
+        return disks, cdrom
+
+    @staticmethod
+    def _open_image(vm: VmRun, path: str, mode: int) -> int:
+        try:
+            fd = os.open(path, mode | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError as exc:
+            raise VmError(f"{vm.name}: {path}: {exc.strerror}", exc.errno or 5) from None
+        vm.fds.append(fd)
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise VmError(f"{vm.name}: {path}: not a regular file or block device")
+        return fd
+
+    @staticmethod
+    def _close_fds(vm: VmRun) -> None:
+        for fd in vm.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        vm.fds = []
 
     async def _connect_qmp(self, vm: VmRun, path: Path) -> QmpClient:
         assert self._nursery is not None
@@ -332,7 +439,11 @@ class VmManager:
                     if event.get("event") == "SHUTDOWN":
                         vm.shutdown_reason = str(event.get("data", {}).get("reason", ""))
 
-        await self._nursery.start(keep)
+        try:
+            await self._nursery.start(keep)
+        except (trio.BrokenResourceError, trio.TooSlowError, OSError, EOFError, QmpError) as exc:
+            # QEMU refused its command line and exited; its stderr is in the log.
+            raise VmError(f"{vm.name}: QEMU failed to start ({exc})", 5) from None
         await ready.wait()
         return holder[0]
 
@@ -348,17 +459,12 @@ class VmManager:
         assert vm.proc is not None
         await wait_process(vm.proc)
         rc = vm.proc.returncode
-        log.info("%s: QEMU exited with %s", vm.name, rc)
         reboot = await self._was_reboot(vm)
+        log.info("%s: QEMU exited with %s (%s)", vm.name, rc, vm.shutdown_reason or "killed")
         vm.exited.set()
         await self._cleanup(vm)
         vm.state = State.STOPPED
         if reboot and not vm.stop_requested:
-            vm.restarts.append(time.monotonic())
-            if len(vm.restarts) == RESTART_LIMIT and \
-                    vm.restarts[-1] - vm.restarts[0] < RESTART_WINDOW * (RESTART_LIMIT - 1):
-                log.error("%s: restarted too quickly", vm.name)
-                return
             log.info("%s: guest rebooted; restarting", vm.name)
             try:
                 await self.start(vm.name, vm.conf)
@@ -374,14 +480,13 @@ class VmManager:
         return vm.shutdown_reason == "guest-reset"
 
     async def _cleanup(self, vm: VmRun) -> None:
+        self._close_fds(vm)
         for nic in vm.nics:
             await self.parent.remove_nic(nic.spec.name)
             self._taps_in_use.discard(nic.spec.tap)
         vm.nics = []
         vm.qmp = None
         vm.tty = None
-        if vm.proc is not None and vm.proc.stderr is not None:
-            vm.proc.stderr.close()
         if vm.rundir is not None:
             shutil.rmtree(vm.rundir, ignore_errors=True)
 

@@ -20,7 +20,7 @@ CONF = ROOT / "examples" / "vm.conf"
 VM = "demo"
 GUEST = "10.77.0.2"
 HOST = "10.77.0.1"
-CONSOLE = Path("/run/vmd-py") / VM / "console.log"
+RUN_DIR = Path("/run/vmd-py")
 
 
 def step(text: str) -> None:
@@ -40,10 +40,10 @@ def vmctl(sock: str, *args: str) -> subprocess.CompletedProcess[str]:
     return run(sys.executable, "-m", "vmd_py.vmctl", "-s", sock, *args)
 
 
-def follow_console(deadline: float) -> None:
+def follow_console(console: Path, deadline: float) -> None:
     shown = 0
     while time.monotonic() < deadline:
-        text = CONSOLE.read_text(errors="replace") if CONSOLE.exists() else ""
+        text = console.read_text(errors="replace") if console.exists() else ""
         if len(text) > shown:
             print(text[shown:], end="", flush=True)
             shown = len(text)
@@ -80,7 +80,7 @@ def main() -> int:
                     raise SystemExit("demo: the VM did not start")
                 time.sleep(0.2)
             step("the guest's console")
-            follow_console(time.monotonic() + 120)
+            follow_console(RUN_DIR / str(vmd.pid) / VM / "console.log", time.monotonic() + 120)
             print(f"(booted in {time.monotonic() - start:.1f} s)")
             with IPRoute() as ipr:
                 ipr.addr("add", index=ipr.link_lookup(ifname="vmdbr0")[0], address=HOST,

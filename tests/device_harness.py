@@ -29,6 +29,7 @@ from tests.virtio_harness import FakeDriver, Used
 from vionet import csum
 from vionet.counters import Counters
 from vionet.device import RX_QUEUE, TX_QUEUE, NetDevice
+from vionet.dhcp import LocalLink
 from vionet.guestmem import GuestMemory, Region
 from vionet.vhost_session import Session
 from vionet.vhost_user import VhostUserError
@@ -304,12 +305,17 @@ def running_device(
     offered: int = OFFERED,
     queue_size: int = 256,
     bases: Sequence[int] = (0, 0),
+    mac: bytes | None = None,
+    locked: bool = False,
+    local: LocalLink | None = None,
 ) -> Iterator[Rig]:
-    """A NetDevice on ``tap_fd`` behind a vhost-user Session, started with ``acked``."""
+    """A NetDevice on ``tap_fd`` behind a vhost-user Session, started with ``acked``;
+    ``mac``/``locked``/``local`` are the NIC's rules (locked lladdr, local interface)."""
     counters = Counters()
     offloads: list[int] = []
     ring_errors: list[str] = []
-    device = NetDevice(tap_fd, counters, offloads.append, ring_errors.append)
+    device = NetDevice(tap_fd, counters, offloads.append, ring_errors.append, mac=mac,
+                       locked=locked, local=local)
     session = Session(device, offered_features=offered)
     front, back = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fe = FakeFrontend(front, ram_size=RAM_SIZE)

@@ -33,7 +33,8 @@ def test_vhost_user_nic_and_shared_memory() -> None:
     argv = build_argv(_vm(nics=[nic]))
     assert "memory-backend-memfd,id=mem,size=512M,share=on" in _after(argv, "-object")
     assert _after(argv, "-machine") == ["q35,memory-backend=mem"]
-    assert _after(argv, "-chardev")[1] == "socket,id=chr0,path=/run/v,,0.sock"
+    # reconnect-ms: QEMU reconnects to a restarted vionet worker.
+    assert _after(argv, "-chardev")[1] == "socket,id=chr0,path=/run/v,,0.sock,reconnect-ms=500"
     assert _after(argv, "-netdev") == ["vhost-user,id=net0,chardev=chr0"]
     assert _after(argv, "-device") == [
         "virtio-net-pci,id=nic0,mac=52:54:00:00:00:01,netdev=net0,romfile=,csum=off,"

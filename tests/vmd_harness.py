@@ -122,10 +122,13 @@ class Vmd:
         return data
 
     def console_log(self, name: str) -> str:
-        path = RUN_DIR / name / "console.log"
+        assert self.proc is not None
+        path = RUN_DIR / str(self.proc.pid) / name / "console.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
     def wait_ready(self, name: str, timeout: float = 90) -> GuestConsole:
+        # Running first: only then is console.log this boot's (the daemon recreates the dir).
+        wait_for(lambda: self.status(name)["state"] == "running", timeout, f"{name} to start")
         wait_for(lambda: READY in self.console_log(name), timeout, f"{name} to boot")
         tty_path = self.status(name)["tty"]
         con = GuestConsole(tty_path)

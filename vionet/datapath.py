@@ -4,6 +4,12 @@ Each loop waits once (poll on its eventfd and/or the tap), then drains as much a
 publishing used entries and raising the guest's interrupt once per batch rather than per packet:
 waiting on the event loop before every frame costs about 3x. Frames move with writev/readv
 directly between the tap and guest memory; the only copy is the 12-byte header on TX.
+
+Per-NIC rules (:class:`LinkRules`) add what vmd's vionet does beyond moving frames: with
+``locked lladdr`` TX drops frames not from the VM's MAC and RX passes only unicast to it plus
+broadcast/multicast (one comparison on a view, no copy); on a ``local interface`` TX hands DHCP
+requests to the responder instead of the tap, and RX copies the replies (the copy path, an
+:class:`InjectQueue`) into the guest's buffers between frames from the tap.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ import logging
 import os
 import select
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from vionet import csum, vnethdr
+from vionet import csum, dhcp, vnethdr
 from vionet.counters import Counters
 from vionet.virtqueue import Chain, ChainError, RingError, SplitQueue
 from vmd_py.virtio_defs import VNET_HDR_LEN, NetF, VnetGso, VnetHdrFlags
@@ -28,6 +36,10 @@ BATCH = 64  # packets between used-ring publications (and interrupts) while drai
 IOV_MAX = 1024
 MAX_GSO_FRAME = 65535 + 14 + 4  # tun never hands more than a 64 KiB IP packet plus L2
 MAX_PLAIN_FRAME = 1514 + 4 + 4  # MTU 1500 + Ethernet + VLAN + slack
+INJECT_QUEUE_MAX = 16  # replies waiting for RX buffers; a guest that posts none loses the rest
+BAD_SOURCE_LOG_INTERVAL = 1.0  # seconds between "bad source address" lines
+# The header of an injected frame: no flags (its checksums are complete), num_buffers 1.
+INJECT_HDR = bytes(10) + b"\x01\x00"
 
 
 def _signal(fd: int | None) -> None:
@@ -39,6 +51,53 @@ def _signal(fd: int | None) -> None:
 def _drain_eventfd(fd: int) -> None:
     with contextlib.suppress(BlockingIOError, InterruptedError):
         os.read(fd, 8)
+
+
+def _head(iov: Sequence[memoryview], n: int) -> bytes:
+    """Up to ``n`` leading bytes of ``iov`` (fewer if it is shorter), however it is split."""
+    parts: list[bytes] = []
+    for v in iov:
+        if n <= 0:
+            break
+        parts.append(bytes(v[:n]))
+        n -= len(v)
+    return b"".join(parts)
+
+
+class InjectQueue:
+    """Frames vionet itself sends the guest (DHCP replies), waiting for the RX loop.
+
+    Filled by the TX thread, emptied by the RX thread (deque append/popleft are atomic); bounded,
+    and it outlives RX loop restarts so a reply made while the ring was stopped still goes out.
+    """
+
+    def __init__(self, counters: Counters, wake: Callable[[], None] = lambda: None) -> None:
+        # Public so the RX loop can test it for emptiness without a call per frame.
+        self.frames: collections.deque[bytes] = collections.deque()
+        self.counters = counters
+        self.wake = wake
+
+    def put(self, frame: bytes) -> None:
+        if len(self.frames) >= INJECT_QUEUE_MAX:
+            self.counters.inc("rx_drop_inject_overflow")
+            return
+        self.frames.append(frame)
+        self.wake()
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def clear(self) -> None:
+        self.frames.clear()
+
+
+@dataclass
+class LinkRules:
+    """What a NIC's loops enforce or answer besides moving frames; all off by default."""
+
+    locked_mac: bytes | None = None  # locked lladdr: the VM's MAC, else None
+    dhcp: dhcp.DhcpResponder | None = None  # local interface: answers the guest's DHCP
+    injected: InjectQueue | None = None  # the copy path into RX
 
 
 class QueueLoop:
@@ -55,6 +114,7 @@ class QueueLoop:
         acked: int,
         counters: Counters,
         on_ring_error: Callable[[str], None],
+        rules: LinkRules | None = None,
     ) -> None:
         self.q = queue
         self.kick_fd = kick_fd
@@ -64,7 +124,13 @@ class QueueLoop:
         self.counters = counters
         self.on_ring_error = on_ring_error
         self.paused = threading.Event()
+        rules = rules or LinkRules()
+        self.locked_mac = rules.locked_mac
+        self.dhcp = rules.dhcp
+        self.injected = rules.injected
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # wake() may come from another thread (an injected frame) after stop() closed the fd.
+        self._wake_lock = threading.Lock()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
@@ -74,13 +140,17 @@ class QueueLoop:
     def stop(self) -> None:
         """Stop and join; afterwards ``q.last_avail_idx`` is final (for GET_VRING_BASE)."""
         self._stopping = True
-        os.eventfd_write(self._stop_fd, 1)
+        self.wake()
         if self._thread.is_alive():
             self._thread.join()
-        os.close(self._stop_fd)
+        with self._wake_lock:
+            os.close(self._stop_fd)
+            self._stop_fd = -1
 
     def wake(self) -> None:
-        os.eventfd_write(self._stop_fd, 1)
+        with self._wake_lock:
+            if self._stop_fd >= 0:
+                os.eventfd_write(self._stop_fd, 1)
 
     def _run(self) -> None:
         try:
@@ -107,6 +177,8 @@ class TxLoop(QueueLoop):
     """Guest -> tap: validate each frame's vnet header, writev it to the tap."""
 
     name = "vionet-tx"
+    _bad_source_logged = -BAD_SOURCE_LOG_INTERVAL
+    _bad_source_since_log = 0
 
     def loop(self) -> None:
         poller = select.poll()
@@ -155,8 +227,20 @@ class TxLoop(QueueLoop):
         if isinstance(verdict, vnethdr.DropReason):
             self.counters.inc(f"tx_drop_{verdict.value}")
             return
-        out: list[bytes | memoryview] = [vnethdr.for_tap(verdict)]
-        out.extend(vnethdr.skip(iov, VNET_HDR_LEN))
+        frame = vnethdr.skip(iov, VNET_HDR_LEN)
+        if self.locked_mac is not None:
+            first = frame[0] if frame else b""
+            src = first[6:12] if len(first) >= 12 else _head(frame, 12)[6:12]
+            if src != self.locked_mac:
+                self._bad_source(bytes(src))
+                return
+        if self.dhcp is not None and dhcp.is_server_bound(_head(frame, dhcp.peek_len())):
+            # Ours to answer, valid or not: a local interface's DHCP never reaches the tap.
+            reply = self.dhcp.answer(_head(frame, dhcp.MAX_FRAME + 1))
+            if reply is not None and self.injected is not None:
+                self.injected.put(reply)
+            return
+        out: list[bytes | memoryview] = [vnethdr.for_tap(verdict), *frame]
         if len(out) > IOV_MAX:
             self.counters.inc("tx_drop_too_many_segments")
             return
@@ -167,6 +251,19 @@ class TxLoop(QueueLoop):
             return
         self.counters.add("tx_packets", 1)
         self.counters.add("tx_bytes", frame_len)
+
+    def _bad_source(self, src: bytes) -> None:
+        self.counters.inc("tx_drop_bad_source_address")
+        self._bad_source_since_log += 1
+        now = time.monotonic()
+        if now - self._bad_source_logged >= BAD_SOURCE_LOG_INTERVAL:
+            # A guest can send these at line rate: at most one line a second.
+            log.warning(
+                "bad source address %s (%d frame(s) dropped since the last report)",
+                src.hex(":") if src else "(none)", self._bad_source_since_log,
+            )
+            self._bad_source_logged = now
+            self._bad_source_since_log = 0
 
 
 class RxLoop(QueueLoop):
@@ -194,6 +291,8 @@ class RxLoop(QueueLoop):
         self.tap_mask = 0  # what the parent confirmed; only used to report surprises
         self._stash: collections.deque[Chain] = collections.deque()
         self._room = 0
+        empty: collections.deque[bytes] = collections.deque()
+        self._injected = self.injected.frames if self.injected is not None else empty
 
     def _run(self) -> None:
         try:
@@ -275,15 +374,25 @@ class RxLoop(QueueLoop):
                 if not self._fill():
                     return False
                 iov = self._iov()
-                try:
-                    n = os.readv(self.tap_fd, iov)
-                except BlockingIOError:
-                    return True
-                except OSError as exc:
-                    self.counters.inc(f"rx_tap_{errno.errorcode.get(exc.errno or 0, 'error')}")
-                    return True
-                if not self._fixup(iov, n):
-                    continue  # dropped: the same buffers take the next frame
+                if self._injected:  # only the RX thread takes from it: popleft cannot fail
+                    n = self._copy_in(iov, self._injected.popleft())
+                    if not n:
+                        continue
+                else:
+                    try:
+                        n = os.readv(self.tap_fd, iov)
+                    except BlockingIOError:
+                        return True
+                    except OSError as exc:
+                        self.counters.inc(
+                            f"rx_tap_{errno.errorcode.get(exc.errno or 0, 'error')}"
+                        )
+                        return True
+                    if self.locked_mac is not None and not self._for_us(iov, n):
+                        self.counters.inc("rx_drop_locked_destination")
+                        continue
+                    if not self._fixup(iov, n):
+                        continue  # dropped: the same buffers take the next frame
                 pending += self._complete(n)
                 if pending >= BATCH:
                     self._interrupt()
@@ -291,6 +400,25 @@ class RxLoop(QueueLoop):
         finally:
             if pending:
                 self._interrupt()
+
+    def _for_us(self, iov: list[memoryview], n: int) -> bool:
+        """locked lladdr: unicast to the VM's MAC, or any broadcast/multicast."""
+        if n < VNET_HDR_LEN + 6:
+            return True  # a runt: _fixup drops and counts it
+        first = iov[0]
+        dst = first[12:18] if len(first) >= VNET_HDR_LEN + 6 else _head(iov, 18)[12:]
+        return bool(dst[0] & 1) or dst == self.locked_mac
+
+    def _copy_in(self, iov: list[memoryview], frame: bytes) -> int:
+        """Copy an injected frame (with its header) into the buffers; its length, or 0."""
+        data = INJECT_HDR + frame
+        room = sum(len(v) for v in iov)
+        if len(data) > room:
+            self.counters.inc("rx_drop_inject_too_big")
+            return 0
+        vnethdr.scatter(iov, 0, data)
+        self.counters.inc("rx_injected")
+        return len(data)
 
     def _fixup(self, iov: list[memoryview], n: int) -> bool:
         """Make the header the tap wrote right for this guest; False to drop the frame."""

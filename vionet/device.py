@@ -1,7 +1,9 @@
 """The virtio-net device behind a vhost-user session: queue 0 is RX, queue 1 is TX.
 
 The session calls these hooks as QEMU configures the device; the hooks start and stop the packet
-loops and report the guest's negotiation so the parent can switch the tap's offloads.
+loops and report the guest's negotiation so the parent can switch the tap's offloads. The NIC's
+rules (locked lladdr, a local interface's DHCP) are fixed for the device's life and handed to
+every loop it starts.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import logging
 from collections.abc import Callable
 
 from vionet.counters import Counters
-from vionet.datapath import QueueLoop, RxLoop, TxLoop
+from vionet.datapath import InjectQueue, LinkRules, QueueLoop, RxLoop, TxLoop
+from vionet.dhcp import DhcpResponder, LocalLink
 from vionet.virtqueue import SplitQueue
 from vmd_py.virtio_defs import NetF
 
@@ -27,9 +30,21 @@ class NetDevice:
         counters: Counters,
         request_offload: Callable[[int], None],
         on_ring_error: Callable[[str], None] | None = None,
+        *,
+        mac: bytes | None = None,
+        locked: bool = False,
+        local: LocalLink | None = None,
     ) -> None:
+        if (locked or local is not None) and (mac is None or len(mac) != 6):
+            raise ValueError("locked lladdr and local interface need the VM's MAC")
         self.tap_fd = tap_fd
         self.counters = counters
+        self.injected = InjectQueue(counters, self._wake_rx)
+        self.rules = LinkRules(
+            locked_mac=bytes(mac) if locked and mac is not None else None,
+            dhcp=DhcpResponder(mac, local, counters) if local is not None and mac else None,
+            injected=self.injected,
+        )
         self._request_offload = request_offload
         self._on_ring_error = on_ring_error or (lambda why: None)
         self.acked = 0
@@ -53,7 +68,8 @@ class NetDevice:
             log.warning("queue %d is not a data queue; ignored", index)
             return
         loop = cls(
-            queue, kick_fd, call_fd, self.tap_fd, self.acked, self.counters, self._on_ring_error
+            queue, kick_fd, call_fd, self.tap_fd, self.acked, self.counters, self._on_ring_error,
+            self.rules,
         )
         if self.paused:
             loop.paused.set()
@@ -87,7 +103,13 @@ class NetDevice:
         for index in list(self.loops):
             self.queue_stopped(index)
         self.acked = 0
+        self.injected.clear()  # replies for the guest before the reset mean nothing after it
         self._request_offload(0)
+
+    def _wake_rx(self) -> None:
+        loop = self.loops.get(RX_QUEUE)
+        if loop is not None:
+            loop.wake()  # harmless on a loop being stopped: wake() checks under a lock
 
     # --- vmctl pause -----------------------------------------------------------------------
 

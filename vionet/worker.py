@@ -7,6 +7,7 @@ there is no filesystem (empty chroot) and no open() (seccomp), so a lazy import 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import socket
@@ -20,6 +21,7 @@ from imsg.codec import Imsg
 from imsg.errors import ImsgError
 from vionet.counters import Counters
 from vionet.device import NetDevice
+from vionet.dhcp import LocalLink
 from vionet.probe import run_probes
 from vionet.vhost_session import Session
 from vionet.vhost_user import VhostUserError
@@ -36,12 +38,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tap-fd", type=int, required=True)
     p.add_argument("--vhost-fd", type=int)
     p.add_argument("--features", type=lambda s: int(s, 0), required=True)
-    p.add_argument("--mac")
+    p.add_argument("--mac", type=_mac)
     p.add_argument("--locked", action="store_true")
+    p.add_argument("--local-guest", type=ipaddress.IPv4Address)
+    p.add_argument("--local-host", type=ipaddress.IPv4Address)
     p.add_argument("--user", default="_vmd")
     p.add_argument("--empty-root", default="/var/lib/vmd-py/empty")
     p.add_argument("--no-sandbox", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.local_guest is None) != (args.local_host is None):
+        p.error("--local-guest and --local-host go together")
+    if (args.locked or args.local_guest is not None) and args.mac is None:
+        p.error("--locked and a local interface need --mac")
+    return args
+
+
+def _mac(text: str) -> bytes:
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(x) == 2 for x in parts):
+        raise argparse.ArgumentTypeError(f"bad MAC {text!r}")
+    try:
+        return bytes.fromhex("".join(parts))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad MAC {text!r}") from None
+
+
+def local_link(args: argparse.Namespace) -> LocalLink | None:
+    if args.local_guest is None:
+        return None
+    return LocalLink(guest=args.local_guest, host=args.local_host)
 
 
 class Worker:
@@ -87,7 +112,8 @@ class Worker:
                 continue
             self.counters.inc("vhost_connections")
             device = NetDevice(self.args.tap_fd, self.counters, self.request_offload,
-                               self.ring_error)
+                               self.ring_error, mac=self.args.mac, locked=self.args.locked,
+                               local=local_link(self.args))
             device.set_paused(self.paused)
             self.device = device
             session = Session(device, offered_features=self.offered | NetF.PROTOCOL_FEATURES)

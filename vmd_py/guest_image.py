@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"
 DEFAULT_CACHE = Path("/var/cache/vmd-py/guest")
 KERNEL_META = "linux-image-cloud-amd64"
 # Dynamically linked programs in the guest: package -> path inside it. Their
@@ -32,7 +32,7 @@ KERNEL_META = "linux-image-cloud-amd64"
 PROGRAMS = {"iperf3": "usr/bin/iperf3", "ethtool": "sbin/ethtool"}
 ROOT_PACKAGES = ("busybox-static", *PROGRAMS)
 # Modules /init loads, in dependency order, together with what they need.
-WANTED_MODULES = ("virtio_pci", "virtio_net", "button", "evdev")
+WANTED_MODULES = ("virtio_pci", "virtio_net", "virtio_blk", "button", "evdev")
 LIB_DIRS = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib", "usr/lib")
 GUEST_LIBDIR = "lib/x86_64-linux-gnu"
 INIT_NAME = "guest_init.sh"

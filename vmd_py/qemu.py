@@ -45,6 +45,24 @@ class NicBackend:
 
 
 @dataclass(frozen=True)
+class DriveBackend:
+    """A disk or cdrom image QEMU gets as an already open fd (``-add-fd``), never by path:
+    QEMU runs unprivileged and must not need permission on the image file itself.
+
+    QEMU picks the fd of a set whose access mode matches each open it makes, and it opens a
+    writable image read-only too: a writable drive needs an O_RDWR and an O_RDONLY fd.
+    """
+
+    fds: tuple[int, ...]
+    fdset: int
+    format: Literal["raw", "qcow2"] = "raw"
+    readonly: bool = False
+
+
+BootFrom = Literal["kernel", "disk", "cdrom", "net"]
+
+
+@dataclass(frozen=True)
 class Serial:
     """Where ttyS0 goes.
 
@@ -64,8 +82,8 @@ class QemuVm:
     name: str
     memory_mb: int
     vcpus: int
-    kernel: Path
-    initrd: Path
+    kernel: Path | None
+    initrd: Path | None
     cmdline: str
     accel: Literal["kvm", "tcg"]
     qmp_path: Path
@@ -74,6 +92,10 @@ class QemuVm:
     machine: str = "q35"
     binary: Path = QEMU_BINARY
     sandbox: bool = True
+    disks: Sequence[DriveBackend] = ()
+    cdrom: DriveBackend | None = None
+    # "kernel": -kernel/-initrd (direct Linux boot); otherwise the firmware boots that device.
+    boot: BootFrom = "kernel"
 
 
 def guest_cmdline(ip: str | None = None,
@@ -131,6 +153,27 @@ def _check(vm: QemuVm) -> None:
                 raise QemuConfigError(f"bad virtio-net-pci property {key!r}")
     if vm.serial.kind in ("socket", "file") and vm.serial.path is None:
         raise QemuConfigError(f"serial {vm.serial.kind} without path")
+    _check_boot(vm)
+
+
+def _check_boot(vm: QemuVm) -> None:
+    drives = [*vm.disks, *([vm.cdrom] if vm.cdrom else [])]
+    if len(vm.disks) > 4:
+        raise QemuConfigError(f"too many disks: {len(vm.disks)}")
+    sets = [d.fdset for d in drives]
+    if len(set(sets)) != len(sets) or any(
+            not d.fds or min(d.fds) < 3 or d.fdset < 0 for d in drives):
+        raise QemuConfigError("drive fds must be >= 3 and fd sets distinct")
+    if any(d.format not in ("raw", "qcow2") for d in drives):
+        raise QemuConfigError("drive format must be raw or qcow2")
+    if vm.boot == "kernel" and vm.kernel is None:
+        raise QemuConfigError("kernel boot without a kernel")
+    if vm.boot == "disk" and not vm.disks:
+        raise QemuConfigError("boot device disk without a disk")
+    if vm.boot == "cdrom" and vm.cdrom is None:
+        raise QemuConfigError("boot device cdrom without a cdrom")
+    if vm.boot == "net" and not vm.nics:
+        raise QemuConfigError("boot device net without a network interface")
 
 
 def _serial_args(s: Serial) -> list[str]:
@@ -149,19 +192,45 @@ def _serial_args(s: Serial) -> list[str]:
     return ["-chardev", spec, "-serial", "chardev:ser0"]
 
 
-def _nic_args(i: int, nic: NicBackend) -> list[str]:
+def _drive_args(vm: QemuVm) -> list[str]:
+    args: list[str] = []
+    for i, d in enumerate(vm.disks):
+        for fd in d.fds:
+            args += ["-add-fd", f"fd={fd},set={d.fdset}"]
+        args += ["-drive", f"if=none,id=disk{i},file=/dev/fdset/{d.fdset},format={d.format}"
+                 f",read-only={_opt(d.readonly)}",
+                 "-device", f"virtio-blk-pci,id=vblk{i},drive=disk{i}"
+                 + (",bootindex=1" if vm.boot == "disk" and i == 0 else "")]
+    if vm.cdrom is not None:
+        c = vm.cdrom
+        # q35's built-in AHCI controller (ide.0) carries the ATAPI drive, as on real hardware.
+        for fd in c.fds:
+            args += ["-add-fd", f"fd={fd},set={c.fdset}"]
+        args += ["-drive", f"if=none,id=cd0,file=/dev/fdset/{c.fdset},format={c.format}"
+                 ",media=cdrom,read-only=on",
+                 "-device", "ide-cd,id=cdrom0,drive=cd0,bus=ide.0"
+                 + (",bootindex=1" if vm.boot == "cdrom" else "")]
+    return args
+
+
+def _nic_args(i: int, nic: NicBackend, netboot: bool = False) -> list[str]:
     args: list[str] = []
     dev = f"virtio-net-pci,id=nic{i},mac={nic.mac}"
     if nic.kind == "vhost-user":
-        args += ["-chardev", f"socket,id=chr{i},path={_opt(nic.socket_path or '')}",
+        # reconnect-ms: when a vionet worker dies, QEMU reconnects to its successor (the
+        # parent keeps the listening socket) and renegotiates; the guest keeps running.
+        args += ["-chardev", f"socket,id=chr{i},path={_opt(nic.socket_path or '')},"
+                 "reconnect-ms=500",
                  "-netdev", f"vhost-user,id=net{i},chardev=chr{i}"]
         dev += f",netdev=net{i}"
     elif nic.kind == "tap":
         src = f"fd={nic.tap_fd}" if nic.tap_fd is not None else f"ifname={_opt(nic.ifname or '')}"
         args += ["-netdev", f"tap,id=net{i},{src},script=no,downscript=no,vhost=off"]
         dev += f",netdev=net{i}"
-    # No option ROM: the guest boots with -kernel, never from the network.
-    props: dict[str, PropValue] = {"romfile": "", **nic.device_props}
+    # No option ROM unless this NIC is the boot device: the ROM is only needed for PXE.
+    props: dict[str, PropValue] = {**({} if netboot else {"romfile": ""}), **nic.device_props}
+    if netboot:
+        props["bootindex"] = 1
     dev += "".join(f",{k}={_opt(v)}" for k, v in props.items())
     return [*args, "-device", dev]
 
@@ -181,9 +250,13 @@ def build_argv(vm: QemuVm) -> list[str]:
         "-accel", vm.accel,
         "-cpu", "max" if vm.accel == "tcg" else "host",
         "-smp", str(vm.vcpus),
-        "-kernel", _opt(vm.kernel),
-        "-initrd", _opt(vm.initrd),
-        "-append", vm.cmdline,
+    ]
+    if vm.boot == "kernel":
+        argv += ["-kernel", _opt(vm.kernel or "")]
+        if vm.initrd is not None:
+            argv += ["-initrd", _opt(vm.initrd)]
+        argv += ["-append", vm.cmdline]
+    argv += [
         "-qmp", f"unix:{_opt(vm.qmp_path)},server=on,wait=off",
         # Guest reboot ends QEMU: the daemon decides whether to start it again.
         "-no-reboot",
@@ -191,14 +264,31 @@ def build_argv(vm: QemuVm) -> list[str]:
     if vm.sandbox:
         argv += ["-sandbox", SANDBOX]
     argv += _serial_args(vm.serial)
+    argv += _drive_args(vm)
     for i, nic in enumerate(vm.nics):
-        argv += _nic_args(i, nic)
+        argv += _nic_args(i, nic, netboot=vm.boot == "net" and i == 0)
     return argv
 
 
 def pass_fds(vm: QemuVm) -> tuple[int, ...]:
-    """File descriptors QEMU must inherit for vm (tap fds named by number in argv)."""
-    return tuple(n.tap_fd for n in vm.nics if n.kind == "tap" and n.tap_fd is not None)
+    """File descriptors QEMU must inherit for vm (tap and drive fds named by number in argv)."""
+    taps = tuple(n.tap_fd for n in vm.nics if n.kind == "tap" and n.tap_fd is not None)
+    drives = tuple(fd for d in [*vm.disks, *([vm.cdrom] if vm.cdrom else [])] for fd in d.fds)
+    return taps + drives
+
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def image_format(fd: int) -> Literal["raw", "qcow2"]:
+    """qcow2 if the image starts with qcow2's magic, else raw (as vmd guesses)."""
+    return "qcow2" if os.pread(fd, 4, 0) == QCOW2_MAGIC else "raw"
+
+
+def qcow2_backing_file(fd: int) -> bool:
+    """Whether a qcow2 image names a backing file (QEMU would open it by path itself)."""
+    header = os.pread(fd, 20, 0)
+    return len(header) == 20 and int.from_bytes(header[8:16], "big") != 0
 
 
 async def start_qemu(vm: QemuVm, stderr_path: Path | None = None,

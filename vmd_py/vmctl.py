@@ -17,6 +17,7 @@ from imsg.catalogue import CLIENT_FROM_CONTROL, MsgType
 from imsg.channel import ImsgSocket
 from imsg.codec import Imsg
 from imsg.errors import ImsgError
+from vmd_py.config.build import Invalid, parse_size
 
 DEFAULT_SOCKET = "/run/vmd.sock"
 
@@ -133,8 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmctl", description="control the virtual machine daemon")
     p.add_argument("-s", dest="socket", default=DEFAULT_SOCKET, help="vmd control socket")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("start", help="start a VM defined in vm.conf")
+    s = sub.add_parser("start", help="start a VM (from vm.conf, an instance, or ad hoc)")
     s.add_argument("-c", action="store_true", help="attach to the console once started")
+    s.add_argument("-L", action="store_true", help="add a local interface")
+    s.add_argument("-B", dest="boot_device", choices=("disk", "cdrom", "net"),
+                   help="boot with the firmware from this device (not the kernel)")
+    s.add_argument("-b", dest="kernel", metavar="path", help="kernel to boot")
+    s.add_argument("-d", dest="disks", metavar="disk", action="append", default=[],
+                   help="disk image, [raw:|qcow2:]path (repeatable, at most 4)")
+    s.add_argument("-i", dest="interfaces", metavar="count", type=int,
+                   help="number of network interfaces")
+    s.add_argument("-m", dest="memory", metavar="size", help="memory size (e.g. 512M)")
+    s.add_argument("-n", dest="switches", metavar="switch", action="append", default=[],
+                   help="add an interface on this switch (repeatable)")
+    s.add_argument("-r", dest="cdrom", metavar="path", help="cdrom (ISO) image")
+    s.add_argument("-t", dest="template", metavar="name",
+                   help="start as an instance of this vm.conf VM")
     s.add_argument("name")
     s = sub.add_parser("stop", help="stop a VM (graceful: ACPI power button)")
     s.add_argument("-a", action="store_true", help="stop all VMs")
@@ -161,6 +176,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _disk(text: str) -> dict[str, Any]:
+    fmt, sep, path = text.partition(":")
+    if sep and fmt in ("raw", "qcow2"):
+        return {"path": os.path.abspath(path), "format": fmt}
+    return {"path": os.path.abspath(text)}
+
+
+def start_options(args: argparse.Namespace) -> dict[str, Any]:
+    """CTL_START's options from vmctl start's flags (the parent validates them again)."""
+    opts: dict[str, Any] = {}
+    if args.memory is not None:
+        try:
+            opts["memory"] = parse_size(args.memory)
+        except Invalid as exc:
+            raise VmctlError(f"start: {exc}") from None
+    if args.kernel is not None:
+        opts["kernel"] = os.path.abspath(args.kernel)
+    if args.boot_device is not None:
+        opts["boot_device"] = args.boot_device
+    if args.disks:
+        opts["disks"] = [_disk(d) for d in args.disks]
+    if args.cdrom is not None:
+        opts["cdrom"] = os.path.abspath(args.cdrom)
+    if args.interfaces is not None:
+        if args.interfaces < 0:
+            raise VmctlError("start: invalid number of interfaces")
+        opts["interfaces"] = args.interfaces
+    if args.switches:
+        opts["switches"] = list(args.switches)
+    if args.L:
+        opts["local"] = True
+    if args.template is not None:
+        opts["template"] = args.template
+    return opts
+
+
 def run(args: argparse.Namespace) -> int:
     path = args.socket
     cmd = args.command
@@ -175,7 +226,11 @@ def run(args: argparse.Namespace) -> int:
             _print_status(vms, args.v)
         return 0
     if cmd == "start":
-        res = request(path, Imsg(MsgType.CTL_START, {"name": args.name}))
+        start: dict[str, Any] = {"name": args.name}
+        opts = start_options(args)
+        if opts:
+            start["options"] = opts
+        res = request(path, Imsg(MsgType.CTL_START, start))
         print(f"vmctl: {res['message']}")
         if args.c:
             res = request(path, Imsg(MsgType.CTL_CONSOLE, {"name": args.name}))
