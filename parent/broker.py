@@ -29,7 +29,11 @@ def allowed_mask(mode: str) -> int:
 
 def offered_features(mode: str) -> int:
     """The virtio-net feature bits vionet offers the guest under an ``offload`` setting."""
-    base = NetF.VERSION_1 | NetF.MRG_RXBUF
+    # Ring features, whatever the offload setting: EVENT_IDX lets both sides suppress needless
+    # kicks and interrupts, INDIRECT_DESC lets a guest post a frame in one ring slot.
+    base = NetF.VERSION_1 | NetF.MRG_RXBUF | NetF.RING_EVENT_IDX | NetF.RING_INDIRECT_DESC
+    if mode not in OFFLOAD_MODES:
+        raise ValueError(f"unknown offload mode {mode!r}")
     if mode == "none":
         return int(base)
     csum = base | NetF.CSUM | NetF.GUEST_CSUM

@@ -37,7 +37,7 @@ from vionet.vnethdr import VnetHdr
 from vmd_py.virtio_defs import VNET_HDR_LEN, NetF
 
 # What the parent offers with offload "tso" (it never offers indirect descriptors or EVENT_IDX).
-OFFERED = offered_features("tso") | int(NetF.PROTOCOL_FEATURES)
+OFFERED = offered_features("all") | int(NetF.PROTOCOL_FEATURES)
 BASE_ACKED = int(NetF.VERSION_1 | NetF.PROTOCOL_FEATURES)
 RAM_SIZE = 8 << 20
 MB = 1 << 20

@@ -184,9 +184,17 @@ class TxLoop(QueueLoop):
         poller = select.poll()
         poller.register(self.kick_fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
+        q = self.q
         while not self._stopping:
             if not self.paused.is_set():
+                # No kicks while we are draining anyway: each one is a guest exit (and costly
+                # under TCG). Before sleeping, ask for kicks again and re-check, so a frame
+                # made available in between is not left waiting.
+                q.disable_notifications()
                 self.drain()
+                while q.enable_notifications():
+                    q.disable_notifications()
+                    self.drain()
             poller.poll()
             _drain_eventfd(self.kick_fd)
             _drain_eventfd(self._stop_fd)
@@ -308,10 +316,18 @@ class RxLoop(QueueLoop):
         poller.register(self._stop_fd, select.POLLIN)
         poller.register(self.kick_fd, select.POLLIN)
         tap_registered = False
+        q = self.q
         while not self._stopping:
             have_buffers = False
             if not self.paused.is_set():
                 have_buffers = self.drain()
+                # Kicks only matter when we ran out of buffers: while we have some, the guest
+                # refilling the ring need not exit to tell us. Out of buffers, ask for the next
+                # kick and re-check, so buffers posted in between are not missed.
+                if have_buffers:
+                    q.disable_notifications()
+                elif q.enable_notifications():
+                    continue
             # Watch the tap only while the guest has buffers for us: otherwise frames wait in
             # the tap's queue (and beyond it, the kernel drops) instead of us spinning.
             want_tap = have_buffers and not self.paused.is_set()
