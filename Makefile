@@ -28,6 +28,10 @@ guest: venv
 demo: guest
 	$(VPY) scripts/demo.py
 
+# vmd-py's vionet against QEMU's own virtio-net on a tap, same guest, A/B rounds (BENCH_ARGS).
+bench: guest
+	$(VPY) -m bench.netbench $(BENCH_ARGS)
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): vmd-py's vionet against QEMU's built-in virtio-net."""
