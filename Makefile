@@ -4,7 +4,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: all setup host venv guest test lint demo bench clean
+.PHONY: all setup host venv guest test lint demo bench fuzz clean
 
 all: test
 
@@ -32,13 +32,20 @@ demo: guest
 bench: guest
 	$(VPY) -m bench.netbench $(BENCH_ARGS)
 
+# Every fuzzer for FUZZ_RUNS inputs (libFuzzer via atheris); prints inputs and crashes each.
+FUZZ_RUNS ?= 1000000
+fuzz: venv
+	$(VPY) fuzz/run_all.py --runs $(FUZZ_RUNS) --jobs 2
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy fuzz/*.py
 
 test: guest
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy fuzz/*.py
 	$(VPY) -m pytest
 
 clean:
