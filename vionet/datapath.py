@@ -48,9 +48,12 @@ def _signal(fd: int | None) -> None:
             os.eventfd_write(fd, 1)
 
 
-def _drain_eventfd(fd: int) -> None:
-    with contextlib.suppress(BlockingIOError, InterruptedError):
-        os.read(fd, 8)
+def _drain_eventfd(fd: int) -> int:
+    """Consume an eventfd's count (0 if it was not signalled)."""
+    try:
+        return int.from_bytes(os.read(fd, 8), "little")
+    except (BlockingIOError, InterruptedError):
+        return 0
 
 
 def _head(iov: Sequence[memoryview], n: int) -> bytes:
@@ -129,6 +132,10 @@ class QueueLoop:
         self.dhcp = rules.dhcp
         self.injected = rules.injected
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Notification counts: how well kick and interrupt suppression work (vmctl status -v).
+        prefix = "tx" if self.name == "vionet-tx" else "rx"
+        self._irq_counter = f"{prefix}_interrupts"
+        self._kick_counter = f"{prefix}_kicks"
         # wake() may come from another thread (an injected frame) after stop() closed the fd.
         self._wake_lock = threading.Lock()
         self._stopping = False
@@ -171,6 +178,7 @@ class QueueLoop:
         self.q.publish()
         if self.q.needs_interrupt():
             _signal(self.call_fd)
+            self.counters.inc(self._irq_counter)
 
 
 class TxLoop(QueueLoop):
@@ -196,7 +204,8 @@ class TxLoop(QueueLoop):
                     q.disable_notifications()
                     self.drain()
             poller.poll()
-            _drain_eventfd(self.kick_fd)
+            if _drain_eventfd(self.kick_fd):
+                self.counters.inc(self._kick_counter)
             _drain_eventfd(self._stop_fd)
 
     def drain(self) -> None:
@@ -337,7 +346,8 @@ class RxLoop(QueueLoop):
                 poller.unregister(self.tap_fd)
             tap_registered = want_tap
             poller.poll()
-            _drain_eventfd(self.kick_fd)
+            if _drain_eventfd(self.kick_fd):
+                self.counters.inc(self._kick_counter)
             _drain_eventfd(self._stop_fd)
 
     def _discard_stash(self) -> None:
