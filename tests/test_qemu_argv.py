@@ -43,7 +43,7 @@ def test_vhost_user_nic_and_shared_memory() -> None:
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     assert _after(argv, "-qmp") == ["unix:/run/q.sock,server=on,wait=off"]
     assert _after(argv, "-serial") == ["chardev:ser0"]
-    assert _after(argv, "-accel") == ["tcg"] and _after(argv, "-cpu") == ["max"]
+    assert _after(argv, "-accel") == ["tcg"] and _after(argv, "-cpu") == ["qemu64"]
     for flag in ("-nodefaults", "-no-user-config", "-no-reboot"):
         assert flag in argv
 
