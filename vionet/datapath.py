@@ -103,10 +103,107 @@ class LinkRules:
     injected: InjectQueue | None = None  # the copy path into RX
 
 
+WANT_TAP = 1  # service(): watch the tap for this loop
+BUSY = 2  # service(): work is left (budget used up); poll without sleeping
+
+
+class _Dead:
+    """What ``QueueLoop._thread`` reports for a loop whose ring broke."""
+
+    @staticmethod
+    def is_alive() -> bool:
+        return False
+
+
+class Engine:
+    """One thread serving every running queue of a device from a single poll.
+
+    A request/response (a guest's ping, a TCP ACK) crosses TX and RX: in one thread that is one
+    wake-up and no GIL hand-off between two threads, and a frame the tap answers right away is
+    picked up on the same pass. The thread exists while at least one queue runs.
+    """
+
+    def __init__(self, name: str = "vionet-io") -> None:
+        self.name = name
+        self._ctl = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()
+        self._ops: list[tuple[bool, QueueLoop, threading.Event]] = []
+        self._loops: list[QueueLoop] = []  # touched by the engine thread only
+        self.thread: threading.Thread | None = None
+
+    def add(self, loop: QueueLoop) -> None:
+        with self._lock:
+            self._ops.append((True, loop, threading.Event()))
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self.thread.start()
+        self.wake()
+
+    def remove(self, loop: QueueLoop) -> None:
+        """Take a loop out and wait until the engine has let go of it (and finished it)."""
+        done = threading.Event()
+        with self._lock:
+            running = self.thread is not None
+            if running:
+                self._ops.append((False, loop, done))
+        if running:
+            self.wake()
+            done.wait()
+        else:
+            loop.finish()
+
+    def wake(self) -> None:
+        os.eventfd_write(self._ctl, 1)
+
+    def _apply(self) -> bool:
+        """Take pending add/remove requests; False (thread ends) once no loop is left."""
+        with self._lock:
+            ops, self._ops = self._ops, []
+            for add, loop, done in ops:
+                if add:
+                    self._loops.append(loop)
+                    continue
+                if loop in self._loops:
+                    self._loops.remove(loop)
+                loop.finish()
+                done.set()
+            if not self._loops:
+                self.thread = None  # under the lock: add() starts a new thread from here on
+                return False
+            return True
+
+    def _run(self) -> None:
+        poller = select.poll()
+        watched: set[int] = set()
+        while self._apply():
+            want = {self._ctl}
+            busy = False
+            for loop in list(self._loops):
+                flags = loop.run_once()
+                if flags < 0:
+                    self._loops.remove(loop)  # its ring broke; it waits for remove()
+                    continue
+                want.add(loop.kick_fd)
+                if flags & WANT_TAP:
+                    want.add(loop.tap_fd)
+                busy = busy or bool(flags & BUSY)
+            for fd in watched - want:
+                poller.unregister(fd)
+            for fd in want - watched:
+                poller.register(fd, select.POLLIN)
+            watched = want
+            poller.poll(0 if busy else None)
+            _drain_eventfd(self._ctl)
+            for loop in self._loops:
+                if _drain_eventfd(loop.kick_fd):
+                    loop.counters.inc(loop._kick_counter)
+
+
 class QueueLoop:
-    """A thread serving one virtqueue until :meth:`stop`."""
+    """One virtqueue's packet work, run by its device's :class:`Engine`."""
 
     name = "queue"
+    budget = 256  # frames per pass before the other queue gets its turn
 
     def __init__(
         self,
@@ -118,6 +215,7 @@ class QueueLoop:
         counters: Counters,
         on_ring_error: Callable[[str], None],
         rules: LinkRules | None = None,
+        engine: Engine | None = None,
     ) -> None:
         self.q = queue
         self.kick_fd = kick_fd
@@ -131,47 +229,49 @@ class QueueLoop:
         self.locked_mac = rules.locked_mac
         self.dhcp = rules.dhcp
         self.injected = rules.injected
-        self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.engine = engine or Engine(self.name)
+        self.dead = False
         # Notification counts: how well kick and interrupt suppression work (vmctl status -v).
         prefix = "tx" if self.name == "vionet-tx" else "rx"
         self._irq_counter = f"{prefix}_interrupts"
         self._kick_counter = f"{prefix}_kicks"
-        # wake() may come from another thread (an injected frame) after stop() closed the fd.
-        self._wake_lock = threading.Lock()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    @property
+    def _thread(self) -> threading.Thread | _Dead:
+        thread = self.engine.thread
+        return _Dead() if self.dead or thread is None else thread
 
     def start(self) -> None:
-        self._thread.start()
+        self.engine.add(self)
 
     def stop(self) -> None:
-        """Stop and join; afterwards ``q.last_avail_idx`` is final (for GET_VRING_BASE)."""
-        self._stopping = True
-        self.wake()
-        if self._thread.is_alive():
-            self._thread.join()
-        with self._wake_lock:
-            os.close(self._stop_fd)
-            self._stop_fd = -1
+        """Stop serving; afterwards ``q.last_avail_idx`` is final (for GET_VRING_BASE)."""
+        self.engine.remove(self)
 
     def wake(self) -> None:
-        with self._wake_lock:
-            if self._stop_fd >= 0:
-                os.eventfd_write(self._stop_fd, 1)
+        self.engine.wake()
 
-    def _run(self) -> None:
+    def finish(self) -> None:
+        """Called once when the engine lets go of the loop."""
+
+    def run_once(self) -> int:
+        """One pass (in the engine thread): WANT_TAP/BUSY flags, or -1 if the ring broke."""
+        if self.paused.is_set():
+            return 0
         try:
-            self.loop()
+            return self.service()
         except RingError as exc:
             self.counters.inc(f"ring_error_{exc.reason}")
             log.error("%s: ring broken (%s): device needs reset", self.name, exc)
             self.on_ring_error(str(exc))
-        except Exception:  # never let a thread die silently: the device would just stop
+        except Exception:  # never let the engine die: every queue would just stop
             log.exception("%s: loop failed", self.name)
             self.counters.inc("loop_crash")
             self.on_ring_error("internal error")
+        self.dead = True
+        return -1
 
-    def loop(self) -> None:
+    def service(self) -> int:
         raise NotImplementedError
 
     def _interrupt(self) -> None:
@@ -188,29 +288,30 @@ class TxLoop(QueueLoop):
     _bad_source_logged = -BAD_SOURCE_LOG_INTERVAL
     _bad_source_since_log = 0
 
-    def loop(self) -> None:
-        poller = select.poll()
-        poller.register(self.kick_fd, select.POLLIN)
-        poller.register(self._stop_fd, select.POLLIN)
+    def service(self) -> int:
+        # No kicks while we are draining anyway: each one is a guest exit (and costly under
+        # TCG). Before sleeping, ask for kicks again and re-check, so a frame made available in
+        # between is not left waiting.
         q = self.q
-        while not self._stopping:
-            if not self.paused.is_set():
-                # No kicks while we are draining anyway: each one is a guest exit (and costly
-                # under TCG). Before sleeping, ask for kicks again and re-check, so a frame
-                # made available in between is not left waiting.
-                q.disable_notifications()
-                self.drain()
-                while q.enable_notifications():
-                    q.disable_notifications()
-                    self.drain()
-            poller.poll()
-            if _drain_eventfd(self.kick_fd):
-                self.counters.inc(self._kick_counter)
-            _drain_eventfd(self._stop_fd)
+        q.disable_notifications()
+        if not self.drain():
+            return BUSY
+        while q.enable_notifications():
+            q.disable_notifications()
+            if not self.drain():
+                return BUSY
+        return 0
 
-    def drain(self) -> None:
+    def drain(self) -> bool:
+        """Send what the guest queued; False if the budget ran out first."""
         pending = 0
+        budget = self.budget
         while True:
+            budget -= 1
+            if budget < 0:
+                if pending:
+                    self._interrupt()
+                return False
             try:
                 chain = self.q.pop()
             except ChainError as exc:
@@ -228,6 +329,7 @@ class TxLoop(QueueLoop):
                 pending = 0
         if pending:
             self._interrupt()
+        return True
 
     def _send(self, chain: Chain) -> None:
         if chain.writable:
@@ -311,44 +413,28 @@ class RxLoop(QueueLoop):
         empty: collections.deque[bytes] = collections.deque()
         self._injected = self.injected.frames if self.injected is not None else empty
 
-    def _run(self) -> None:
-        try:
-            super()._run()
-        finally:
-            # Popped but unused buffers go back to the ring: GET_VRING_BASE must not count them.
-            if self._stash and self.q.broken is None:
-                self.q.unpop(len(self._stash))
-            self._stash.clear()
+    def finish(self) -> None:
+        # Popped but unused buffers go back to the ring: GET_VRING_BASE must not count them.
+        if self._stash and self.q.broken is None:
+            self.q.unpop(len(self._stash))
+        self._stash.clear()
+        self._room = 0
 
-    def loop(self) -> None:
-        poller = select.poll()
-        poller.register(self._stop_fd, select.POLLIN)
-        poller.register(self.kick_fd, select.POLLIN)
-        tap_registered = False
+    def service(self) -> int:
         q = self.q
-        while not self._stopping:
-            have_buffers = False
-            if not self.paused.is_set():
-                have_buffers = self.drain()
-                # Kicks only matter when we ran out of buffers: while we have some, the guest
-                # refilling the ring need not exit to tell us. Out of buffers, ask for the next
-                # kick and re-check, so buffers posted in between are not missed.
-                if have_buffers:
-                    q.disable_notifications()
-                elif q.enable_notifications():
-                    continue
-            # Watch the tap only while the guest has buffers for us: otherwise frames wait in
-            # the tap's queue (and beyond it, the kernel drops) instead of us spinning.
-            want_tap = have_buffers and not self.paused.is_set()
-            if want_tap and not tap_registered:
-                poller.register(self.tap_fd, select.POLLIN)
-            elif not want_tap and tap_registered:
-                poller.unregister(self.tap_fd)
-            tap_registered = want_tap
-            poller.poll()
-            if _drain_eventfd(self.kick_fd):
-                self.counters.inc(self._kick_counter)
-            _drain_eventfd(self._stop_fd)
+        while True:
+            have_buffers = self.drain()
+            if have_buffers is None:
+                return WANT_TAP | BUSY  # budget used up: the tap may hold more
+            # Kicks only matter when we ran out of buffers: while we have some, the guest
+            # refilling the ring need not exit to tell us. Out of buffers, ask for the next kick
+            # and re-check, so buffers posted in between are not missed. Watch the tap only
+            # while there are buffers: otherwise frames wait in the tap's queue.
+            if have_buffers:
+                q.disable_notifications()
+                return WANT_TAP
+            if not q.enable_notifications():
+                return 0
 
     def _discard_stash(self) -> None:
         """Complete every stashed buffer empty (needed before completing a later-popped one)."""
@@ -392,11 +478,16 @@ class RxLoop(QueueLoop):
                 break
         return iov[:IOV_MAX]
 
-    def drain(self) -> bool:
-        """Move frames until the tap is empty (True) or the guest is out of buffers (False)."""
+    def drain(self) -> bool | None:
+        """Move frames until the tap is empty (True), the guest is out of buffers (False) or
+        the budget is used up (None)."""
         pending = 0
+        budget = self.budget
         try:
             while True:
+                budget -= 1
+                if budget < 0:
+                    return None
                 if not self._fill():
                     return False
                 iov = self._iov()

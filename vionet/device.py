@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 
 from vionet.counters import Counters
-from vionet.datapath import InjectQueue, LinkRules, QueueLoop, RxLoop, TxLoop
+from vionet.datapath import Engine, InjectQueue, LinkRules, QueueLoop, RxLoop, TxLoop
 from vionet.dhcp import DhcpResponder, LocalLink
 from vionet.virtqueue import SplitQueue
 from vmd_py.virtio_defs import NetF
@@ -49,6 +49,7 @@ class NetDevice:
         self._on_ring_error = on_ring_error or (lambda why: None)
         self.acked = 0
         self.loops: dict[int, QueueLoop] = {}
+        self.engine = Engine()  # one thread for both queues (see datapath.Engine)
         self.paused = False
         self._offload_dropped = False  # every ring stopped: the tap was told 0 meanwhile
 
@@ -69,7 +70,7 @@ class NetDevice:
             return
         loop = cls(
             queue, kick_fd, call_fd, self.tap_fd, self.acked, self.counters, self._on_ring_error,
-            self.rules,
+            self.rules, self.engine,
         )
         if self.paused:
             loop.paused.set()
