@@ -24,7 +24,7 @@ from imsg.channel import ImsgSocket, TrioImsgChannel, socketpair
 from imsg.codec import Imsg
 from imsg.errors import ImsgError
 from parent import bridge
-from parent.options import OptionError, start_conf
+from parent.options import OptionError, owns, start_conf
 from parent.spawn import EMPTY_ROOT, SANDBOX_USER, ensure_empty_root
 from parent.supervisor import Parent, relay_log, wait_process
 from parent.vm import VmError, VmManager
@@ -189,7 +189,7 @@ class Daemon:
         if uid == 0:
             return
         conf = self.vms.vms[name].conf if name in self.vms.vms else self.vms.conf_for(name)
-        if _owns(conf.owner_user, conf.owner_group, uid, gid):
+        if owns(conf.owner_user, conf.owner_group, uid, gid):
             return
         raise VmError(f"{name}: permission denied", errno.EPERM)
 
@@ -254,7 +254,7 @@ class Daemon:
             for name, vm in list(self.vms.vms.items()):
                 if vm.proc is None or vm.proc.returncode is not None:
                     continue
-                if uid != 0 and not _owns(vm.conf.owner_user, vm.conf.owner_group, uid, gid):
+                if uid != 0 and not owns(vm.conf.owner_user, vm.conf.owner_group, uid, gid):
                     continue
                 nursery.start_soon(self._stop_quietly, name, force, wait)
         return _result(True, "stopped all VMs")
@@ -304,29 +304,6 @@ class Daemon:
                 bridge.delete_link(sw.ifname)
             self._switches(self.config)
         return _result(True, f"reset {what}")
-
-
-def _owns(user: str | None, group: str | None, uid: int, gid: int) -> bool:
-    if user is not None:
-        try:
-            want = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
-        except KeyError:
-            return False
-        if want == uid:
-            return True
-    if group is not None:
-        try:
-            g = grp.getgrgid(int(group)) if group.isdigit() else grp.getgrnam(group)
-        except KeyError:
-            return False
-        if g.gr_gid == gid:
-            return True
-        try:
-            name = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            return False
-        return name in g.gr_mem
-    return False
 
 
 def _result(ok: bool, message: str, code: int = 0) -> Imsg:

@@ -164,14 +164,18 @@ def _uid_of(user: str | None) -> int | None:
         return None
 
 
+def owns(user: str | None, group: str | None, uid: int, gid: int) -> bool:
+    """Whether a client (uid, gid) is the owner ``user[:group]`` of a VM or instance."""
+    return (user is not None and _uid_of(user) == uid) or _in_group(group, uid, gid)
+
+
 def _check_instance(template: VmConf, options: dict[str, Any], uid: int, gid: int) -> None:
     """vmd's rule: a non-root client needs `allow instance` with an owner that matches it,
     and the template must allow every option the client overrides."""
     if uid == 0:
         return
-    if not template.allow_instance or not (
-            _uid_of(template.instance_owner_user) == uid
-            or _in_group(template.instance_owner_group, uid, gid)):
+    if not template.allow_instance or not owns(
+            template.instance_owner_user, template.instance_owner_group, uid, gid):
         raise OptionError(f"vm {template.name}: no permission to create vm instance",
                           errno.EPERM)
     for key in options:
