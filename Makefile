@@ -4,7 +4,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: all setup host venv guest test lint demo bench fuzz clean
+.PHONY: all setup host venv guest test lint demo bench fuzz soak clean
 
 all: test
 
@@ -36,6 +36,12 @@ bench: guest
 FUZZ_RUNS ?= 1000000
 fuzz: venv
 	$(VPY) fuzz/run_all.py --runs $(FUZZ_RUNS) --jobs 2
+
+# Long checks, not in `make test`: 100 worker kills (parent fd/RSS), then 10 min of iperf3 both
+# ways plus a second VM's start/stop loop, sampling every vmd process (SOAK_ARGS=--minutes 3).
+soak: guest
+	VMD_KILL_CYCLES=100 $(VPY) -m pytest -p no:cacheprovider -s tests/test_e2e_recovery.py -k worker_kills
+	$(VPY) -m bench.soak $(SOAK_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

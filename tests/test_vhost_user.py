@@ -206,6 +206,9 @@ def test_qemu_sequence_starts_translated_rings(monkeypatch: pytest.MonkeyPatch) 
             fe.kick_queue(rec.index)
             assert os.eventfd_read(rec.kick) == 1
             assert rec.call is not None
+            # The call fd that came after the ring started got one interrupt: one the device
+            # raised on the earlier fd (after a reconnect) would otherwise be lost.
+            assert os.eventfd_read(fe.call[rec.index]) == 1
             os.eventfd_write(rec.call, 3)
             assert os.eventfd_read(fe.call[rec.index]) == 3
         # The guest stops the device; the bases are where the device stopped.
@@ -290,6 +293,7 @@ def test_call_fd_change_reaches_running_queue() -> None:
         fe.sync()
         index, new = run.hooks.call_changes[-1]
         assert index == 1 and new is not None and new != old
+        assert os.eventfd_read(new_front) == 1  # a new call fd on a running ring is signalled
         os.eventfd_write(new, 1)
         assert os.eventfd_read(new_front) == 1
         fe.call_(Request.SET_VRING_CALL, VringFile(1, True))  # no fd: polling

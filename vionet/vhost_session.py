@@ -542,6 +542,14 @@ class Session:
         old, ring.call = ring.call, new
         if ring.queue is not None:
             self.hooks.queue_call_changed(vf.index, new)
+            if new is not None:
+                # QEMU starts a ring (SET_VRING_KICK) before it sends the call fd it listens
+                # to, and discards what arrived on the earlier one. After a reconnect the ring
+                # may already have used entries whose interrupt went there; with EVENT_IDX
+                # the driver would then wait for it forever. A spurious interrupt is harmless
+                # (libvhost-user signals here too).
+                with contextlib.suppress(OSError):
+                    os.eventfd_write(new, 1)
         if old is not None:
             close_fds([old])
 

@@ -90,7 +90,11 @@ class Control:
                 except BlockingIOError:
                     continue
                 except ImsgError as exc:
-                    chan.send_error(exc.kind.value, str(exc))
+                    # A client that sent garbage and hung up must not take the process down.
+                    try:
+                        chan.send_error(exc.kind.value, str(exc))
+                    except OSError:
+                        return
                     continue
                 except (EOFError, OSError):
                     return
