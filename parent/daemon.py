@@ -145,22 +145,33 @@ class Daemon:
         if self.control_proc.stderr is not None:
             nursery.start_soon(relay_log, "control", self.control_proc.stderr.fileno())
         chan = TrioImsgChannel(ImsgSocket(mine, PARENT_FROM_CONTROL), role="parent")
-        with trio.fail_after(20):
-            await chan.hello()
+        nursery.start_soon(self._watch_control, nursery)
+        try:
+            with trio.fail_after(20):
+                await chan.hello()
+        except (ImsgError, EOFError, OSError, trio.TooSlowError) as exc:
+            # Dead before it said hello: the watcher replaces it; the daemon stays up.
+            log.error("control process failed its handshake: %s", exc)
+            chan.close()
+            self.control_proc.kill()
+            return
         self.control = chan
         nursery.start_soon(self._serve_control, chan, nursery)
-        nursery.start_soon(self._watch_control)
 
-    async def _watch_control(self) -> None:
-        assert self.control_proc is not None
+    async def _watch_control(self, nursery: trio.Nursery) -> None:
+        """A control process that dies is replaced (socket rebound): vmctl must keep working."""
+        proc = self.control_proc
+        assert proc is not None
         try:
-            await wait_process(self.control_proc)
-            log.error("control process exited with %s", self.control_proc.returncode)
+            await wait_process(proc)
+            log.error("control process exited with %s; restarting it", proc.returncode)
         finally:
-            if self.control_proc.returncode is None:
-                self.control_proc.kill()
+            if proc.returncode is None:
+                proc.kill()
                 with trio.CancelScope(shield=True):
-                    await wait_process(self.control_proc)
+                    await wait_process(proc)
+        await trio.sleep(1)  # never a hot loop if it dies at once
+        await self._start_control(nursery)
 
     async def _serve_control(self, chan: TrioImsgChannel, nursery: trio.Nursery) -> None:
         while True:

@@ -353,3 +353,26 @@ def test_killing_one_vms_workers_leaves_the_other_vm_unaffected(
         assert c1["tx_packets"] > c0["tx_packets"] + 1000
         assert ping_ok(good)
         wait_for(lambda: vmd.status("bad")["state"] == "stopped", 30, "bad stopped")
+
+
+def test_a_killed_control_process_is_replaced(in_netns: str, tmp_path: Path,
+                                              qemu_binary: str) -> None:
+    """vmctl keeps working after the control process dies (the parent starts a new one)."""
+    name = "ctlrestart"
+    with Vmd(tmp_path, conf(name)) as vmd:
+        assert vmd.proc is not None
+        daemon = vmd.proc.pid
+        old = control_pid(daemon)
+        os.kill(old, signal.SIGKILL)
+
+        def replaced() -> int | None:
+            try:
+                pid = control_pid(daemon)
+            except AssertionError:  # between the old one's exit and the new one's start
+                return None
+            return pid if pid != old else None
+
+        new = wait_for(replaced, 30, "a new control process")
+        wait_for(lambda: vmd.vmctl("status", check=False).returncode == 0, 30, "vmctl to work")
+        assert name in vmd.vmctl("status").stdout
+        assert new != old and not alive(old)
