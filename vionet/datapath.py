@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from vionet import csum, dhcp, vnethdr
 from vionet.counters import Counters
+from vionet.guestmem import GuestMemoryError
 from vionet.virtqueue import Chain, ChainError, RingError, SplitQueue
 from vmd_py.virtio_defs import VNET_HDR_LEN, NetF, VnetGso, VnetHdrFlags
 
@@ -105,6 +106,11 @@ class LinkRules:
 
 WANT_TAP = 1  # service(): watch the tap for this loop
 BUSY = 2  # service(): work is left (budget used up); poll without sleeping
+# How long the engine keeps polling (rings and tap, without sleeping) after the last frame
+# moved. Under TCG a guest answers in 0.3-0.7 ms; an engine that slept meanwhile wakes with
+# cold caches, and a Python pass then costs 5-10x a warm one (see docs/performance.md).
+DEFAULT_POLL_US = 1000
+TX_COALESCE_US = 250
 
 
 class _Dead:
@@ -123,13 +129,22 @@ class Engine:
     picked up on the same pass. The thread exists while at least one queue runs.
     """
 
-    def __init__(self, name: str = "vionet-io") -> None:
+    def __init__(self, name: str = "vionet-io", poll_us: int = DEFAULT_POLL_US) -> None:
         self.name = name
+        self.poll_ns = max(0, poll_us) * 1000
+        # While polling, a TX completion's interrupt may wait this long: if the guest's RX
+        # NAPI poll reclaims the buffers first (Linux does, when an answer arrives meanwhile),
+        # the interrupt is no longer wanted and the guest handles one interrupt, not two.
+        self.coalesce_ns = min(self.poll_ns, TX_COALESCE_US * 1000)
         self._ctl = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._lock = threading.Lock()
         self._ops: list[tuple[bool, QueueLoop, threading.Event]] = []
         self._loops: list[QueueLoop] = []  # touched by the engine thread only
         self.thread: threading.Thread | None = None
+        # Whether the tap may hold a frame: poll said so, TX just wrote one (the host may have
+        # answered it already), or RX stopped before EAGAIN. RX clears it on EAGAIN; a wrong
+        # False costs nothing but a pass, since the tap is polled (level-triggered) meanwhile.
+        self.tap_ready = True
 
     def add(self, loop: QueueLoop) -> None:
         with self._lock:
@@ -162,47 +177,110 @@ class Engine:
             for add, loop, done in ops:
                 if add:
                     self._loops.append(loop)
+                    self.tap_ready = True  # frames may have queued while no loop ran
                     continue
                 if loop in self._loops:
                     self._loops.remove(loop)
                 loop.finish()
                 done.set()
+            # TX before RX in a pass: a frame TX writes may be answered by the host at once
+            # (a ping, an ACK), and RX then picks the answer up in the same pass.
+            self._loops.sort(key=lambda loop: loop.order)
             if not self._loops:
                 self.thread = None  # under the lock: add() starts a new thread from here on
                 return False
             return True
 
     def _run(self) -> None:
+        # Per pass, with cold caches (a TCG guest evicts them between packets) every syscall
+        # costs 10-40 us: only eventfds that poll reported are read, a loop runs only when it
+        # may have work (kicked, tap readable, work left over, or busy-polling), the tap is read
+        # only when it can have a frame (see tap_ready), and registrations change only when
+        # they must.
         poller = select.poll()
-        watched: set[int] = set()
-        while self._apply():
-            want = {self._ctl}
-            busy = False
-            for loop in list(self._loops):
-                flags = loop.run_once()
+        poller.register(self._ctl, select.POLLIN)
+        kicks: dict[int, QueueLoop] = {}
+        tap_watched = -1
+        polling = False
+        deadline = 0
+        while True:
+            if self._ops:
+                if not self._apply():
+                    return
+                for fd in kicks:
+                    poller.unregister(fd)
+                kicks = {loop.kick_fd: loop for loop in self._loops}
+                for fd in kicks:
+                    poller.register(fd, select.POLLIN)
+            want_tap = -1
+            busy = worked = False
+            loops = self._loops
+            for loop in loops:
+                flags = loop.run_once(polling)
                 if flags < 0:
-                    self._loops.remove(loop)  # its ring broke; it waits for remove()
-                    continue
-                want.add(loop.kick_fd)
+                    loops.remove(loop)  # its ring broke; it waits for remove()
+                    break  # the list changed under the for: the next pass serves the rest
                 if flags & WANT_TAP:
-                    want.add(loop.tap_fd)
-                busy = busy or bool(flags & BUSY)
-            for fd in watched - want:
-                poller.unregister(fd)
-            for fd in want - watched:
-                poller.register(fd, select.POLLIN)
-            watched = want
-            poller.poll(0 if busy else None)
-            _drain_eventfd(self._ctl)
-            for loop in self._loops:
-                if _drain_eventfd(loop.kick_fd):
-                    loop.counters.inc(loop._kick_counter)
+                    want_tap = loop.tap_fd
+                if flags & BUSY:
+                    busy = True
+                if loop.worked:
+                    loop.worked = False
+                    worked = True
+            if want_tap != tap_watched:
+                if tap_watched >= 0:
+                    poller.unregister(tap_watched)
+                if want_tap >= 0:
+                    poller.register(want_tap, select.POLLIN)
+                tap_watched = want_tap
+            timeout: int | None = None
+            now = 0
+            if self.poll_ns:
+                now = time.monotonic_ns()
+                if worked:
+                    deadline = now + self.poll_ns
+            if busy:
+                timeout = 0
+            elif now < deadline:
+                polling = True
+                timeout = 0
+                # Give the core to anything runnable here (QEMU's main loop injecting the
+                # interrupt we just raised, the vCPU): polling must not delay them.
+                os.sched_yield()
+            elif polling:
+                # Leaving the busy-poll: one more pass in which the loops ask for kicks again
+                # (and re-check their rings) before the engine sleeps.
+                polling = False
+                for loop in loops:
+                    loop.due = True
+                continue
+            for loop in loops:
+                if loop.owed and (
+                    timeout is None or not self.poll_ns or now - loop.owed_at >= self.coalesce_ns
+                ):
+                    loop.flush()
+            for fd, _events in poller.poll(timeout):
+                if fd == tap_watched:
+                    self.tap_ready = True
+                elif fd == self._ctl:
+                    _drain_eventfd(fd)
+                    for loop in loops:
+                        loop.due = True  # a new loop, a pause change, a frame to inject
+                else:
+                    kicked = kicks.get(fd)
+                    if kicked is None or kicked.dead:
+                        _drain_eventfd(fd)
+                    else:
+                        # The loop reads its eventfd itself, after it has moved what is
+                        # already there: TX writes the guest's frame out first.
+                        kicked.due = kicked.kicked = True
 
 
 class QueueLoop:
     """One virtqueue's packet work, run by its device's :class:`Engine`."""
 
     name = "queue"
+    order = 0  # position in the engine's pass
     budget = 256  # frames per pass before the other queue gets its turn
 
     def __init__(
@@ -231,10 +309,16 @@ class QueueLoop:
         self.injected = rules.injected
         self.engine = engine or Engine(self.name)
         self.dead = False
+        self.due = True  # serve on the next pass: kicked, woken, or work was left over
+        self.flags = 0  # what service() last returned (a loop not served keeps its wishes)
+        self.worked = False  # a frame moved since the engine last looked
+        self.owed = False  # completions published whose interrupt may wait (Engine.coalesce_ns)
+        self.owed_at = 0  # monotonic ns when owed became True
+        self.kicked = False  # poll saw the kick eventfd readable; take_kick() resets it
         # Notification counts: how well kick and interrupt suppression work (vmctl status -v).
         prefix = "tx" if self.name == "vionet-tx" else "rx"
         self._irq_counter = f"{prefix}_interrupts"
-        self._kick_counter = f"{prefix}_kicks"
+        self.kick_counter = f"{prefix}_kicks"
 
     @property
     def _thread(self) -> threading.Thread | _Dead:
@@ -254,12 +338,21 @@ class QueueLoop:
     def finish(self) -> None:
         """Called once when the engine lets go of the loop."""
 
-    def run_once(self) -> int:
-        """One pass (in the engine thread): WANT_TAP/BUSY flags, or -1 if the ring broke."""
+    def run_once(self, polling: bool = False) -> int:
+        """One pass (in the engine thread): WANT_TAP/BUSY flags, or -1 if the ring broke.
+
+        ``polling``: the engine is busy-polling, so look at the ring even without a kick and
+        leave kicks off (no guest exits) until it stops.
+        """
+        if not (self.due or polling or self.ready()):
+            return self.flags
+        self.due = False
         if self.paused.is_set():
+            self.take_kick()
+            self.flags = 0
             return 0
         try:
-            return self.service()
+            flags = self.service(polling)
         except RingError as exc:
             self.counters.inc(f"ring_error_{exc.reason}")
             log.error("%s: ring broken (%s): device needs reset", self.name, exc)
@@ -268,10 +361,34 @@ class QueueLoop:
             log.exception("%s: loop failed", self.name)
             self.counters.inc("loop_crash")
             self.on_ring_error("internal error")
+        else:
+            if flags & BUSY:
+                self.due = True
+            self.flags = flags
+            return flags
         self.dead = True
         return -1
 
-    def service(self) -> int:
+    def ready(self) -> bool:
+        """Whether there may be work without a kick (beyond ``due``)."""
+        return False
+
+    def take_kick(self) -> None:
+        """Reset the kick eventfd if poll reported it. Must come before the ring's last check
+        before sleeping: a kick consumed after that check could strand a buffer for good."""
+        if self.kicked:
+            self.kicked = False
+            if _drain_eventfd(self.kick_fd):
+                self.counters.inc(self.kick_counter)
+
+    def flush(self) -> None:
+        """Raise the interrupt owed for completions published earlier in the pass."""
+        self.owed = False
+        if self.q.needs_interrupt():
+            _signal(self.call_fd)
+            self.counters.inc(self._irq_counter)
+
+    def service(self, polling: bool) -> int:
         raise NotImplementedError
 
     def _interrupt(self) -> None:
@@ -288,14 +405,18 @@ class TxLoop(QueueLoop):
     _bad_source_logged = -BAD_SOURCE_LOG_INTERVAL
     _bad_source_since_log = 0
 
-    def service(self) -> int:
-        # No kicks while we are draining anyway: each one is a guest exit (and costly under
-        # TCG). Before sleeping, ask for kicks again and re-check, so a frame made available in
-        # between is not left waiting.
+    def service(self, polling: bool) -> int:
+        # No kicks while we are draining (or the engine polls) anyway: each one is a guest
+        # exit, costly under TCG. Before the engine sleeps, ask for kicks again and re-check,
+        # so a frame made available in between is not left waiting.
         q = self.q
         q.disable_notifications()
-        if not self.drain():
+        done = self.drain()
+        self.take_kick()
+        if not done:
             return BUSY
+        if polling:
+            return 0
         while q.enable_notifications():
             q.disable_notifications()
             if not self.drain():
@@ -303,33 +424,42 @@ class TxLoop(QueueLoop):
         return 0
 
     def drain(self) -> bool:
-        """Send what the guest queued; False if the budget ran out first."""
+        """Send what the guest queued; False if the budget ran out first.
+
+        Completions are published as they go, but the interrupt for the last batch is owed:
+        the engine raises it after RX has had its turn (an answer the host gave at once, a
+        ping reply or an ACK, reaches the guest first) and, while it busy-polls, only after
+        ``Engine.coalesce_ns``, when the guest has often reclaimed the buffers by itself.
+        """
+        q = self.q
         pending = 0
         budget = self.budget
         while True:
             budget -= 1
             if budget < 0:
-                if pending:
-                    self._interrupt()
-                return False
+                break
             try:
-                chain = self.q.pop()
+                chain = q.pop()
             except ChainError as exc:
                 self.counters.inc(f"tx_drop_{exc.reason}")
-                self.q.push(exc.head, 0)
+                q.push(exc.head, 0)
                 pending += 1
                 continue
             if chain is None:
                 break
             self._send(chain)
-            self.q.push(chain.head, 0)
+            q.push(chain.head, 0)
             pending += 1
             if pending >= BATCH:
                 self._interrupt()
                 pending = 0
         if pending:
-            self._interrupt()
-        return True
+            q.publish()
+            if not self.owed:
+                self.owed = True
+                self.owed_at = time.monotonic_ns()
+            self.worked = True
+        return budget >= 0
 
     def _send(self, chain: Chain) -> None:
         if chain.writable:
@@ -368,6 +498,7 @@ class TxLoop(QueueLoop):
         except OSError as exc:
             self.counters.inc(f"tx_drop_tap_{errno.errorcode.get(exc.errno or 0, 'error')}")
             return
+        self.engine.tap_ready = True
         self.counters.add("tx_packets", 1)
         self.counters.add("tx_bytes", frame_len)
 
@@ -395,6 +526,7 @@ class RxLoop(QueueLoop):
     """
 
     name = "vionet-rx"
+    order = 1
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -409,6 +541,13 @@ class RxLoop(QueueLoop):
         )
         self.tap_mask = 0  # what the parent confirmed; only used to report surprises
         self._stash: collections.deque[Chain] = collections.deque()
+        # The stash's writable bytes as the readv iov, kept up to date as chains come and go
+        # rather than rebuilt per frame. Buffers that are adjacent in guest memory (Linux
+        # carves mergeable buffers one after another out of 32 KiB pages) share one view:
+        # readv's cost is mostly per iovec, ~1 us each with cold caches. _tail is the GPA just
+        # past the last view when that view is one guest-contiguous range, else -1.
+        self._views: list[memoryview] = []
+        self._tail = -1
         self._room = 0
         empty: collections.deque[bytes] = collections.deque()
         self._injected = self.injected.frames if self.injected is not None else empty
@@ -418,28 +557,37 @@ class RxLoop(QueueLoop):
         if self._stash and self.q.broken is None:
             self.q.unpop(len(self._stash))
         self._stash.clear()
+        self._views.clear()
+        self._tail = -1
         self._room = 0
 
-    def service(self) -> int:
+    def ready(self) -> bool:
+        return self.engine.tap_ready or bool(self._injected)
+
+    def service(self, polling: bool) -> int:
         q = self.q
+        self.take_kick()
         while True:
             have_buffers = self.drain()
             if have_buffers is None:
                 return WANT_TAP | BUSY  # budget used up: the tap may hold more
             # Kicks only matter when we ran out of buffers: while we have some, the guest
             # refilling the ring need not exit to tell us. Out of buffers, ask for the next kick
-            # and re-check, so buffers posted in between are not missed. Watch the tap only
-            # while there are buffers: otherwise frames wait in the tap's queue.
+            # and re-check, so buffers posted in between are not missed (unless the engine is
+            # polling the ring anyway). Watch the tap only while there are buffers: otherwise
+            # frames wait in the tap's queue.
             if have_buffers:
                 q.disable_notifications()
                 return WANT_TAP
-            if not q.enable_notifications():
+            if polling or not q.enable_notifications():
                 return 0
 
     def _discard_stash(self) -> None:
         """Complete every stashed buffer empty (needed before completing a later-popped one)."""
         while self._stash:
             self.q.push(self._stash.popleft().head, 0)
+        self._views.clear()
+        self._tail = -1
         self._room = 0
 
     def _fill(self) -> bool:
@@ -466,57 +614,82 @@ class RxLoop(QueueLoop):
                 self.counters.inc("rx_small_buffer")
             self._stash.append(chain)
             self._room += chain.write_len
+            self._add_views(chain)
         return True
 
-    def _iov(self) -> list[memoryview]:
-        iov: list[memoryview] = []
-        room = 0
-        for chain in self._stash:
-            iov.extend(chain.writable)
-            room += chain.write_len
-            if room >= self.max_frame or len(iov) >= IOV_MAX:
+    def _add_views(self, chain: Chain) -> None:
+        views = self._views
+        if len(chain.writable) != 1:
+            views += chain.writable
+            self._tail = -1
+            return
+        if chain.waddr == self._tail and views:
+            last = views[-1]
+            try:
+                views[-1] = self.q.mem.gpa(self._tail - len(last), len(last) + chain.write_len)
+            except GuestMemoryError:  # adjacent, but in the next region
+                views.append(chain.writable[0])
+        else:
+            views.append(chain.writable[0])
+        self._tail = chain.waddr + chain.write_len
+
+    def _trim_views(self, nbytes: int) -> None:
+        """Drop the first ``nbytes`` of the iov (the buffers of chains just completed)."""
+        views = self._views
+        k = 0
+        while nbytes > 0:
+            first = views[k]
+            if len(first) > nbytes:
+                views[k] = first[nbytes:]
                 break
-        return iov[:IOV_MAX]
+            nbytes -= len(first)
+            k += 1
+        del views[:k]
+        if not views:
+            self._tail = -1
 
     def drain(self) -> bool | None:
         """Move frames until the tap is empty (True), the guest is out of buffers (False) or
-        the budget is used up (None)."""
-        pending = 0
+        the budget is used up (None).
+
+        Each frame is published, and the guest interrupted if it asked to be (EVENT_IDX or
+        NO_INTERRUPT suppress the rest while its NAPI poll runs), before the next read: the
+        guest starts on a frame at once instead of after the read that finds the tap empty.
+        """
+        engine = self.engine
         budget = self.budget
-        try:
-            while True:
-                budget -= 1
-                if budget < 0:
-                    return None
-                if not self._fill():
-                    return False
-                iov = self._iov()
-                if self._injected:  # only the RX thread takes from it: popleft cannot fail
-                    n = self._copy_in(iov, self._injected.popleft())
-                    if not n:
-                        continue
-                else:
-                    try:
-                        n = os.readv(self.tap_fd, iov)
-                    except BlockingIOError:
-                        return True
-                    except OSError as exc:
-                        self.counters.inc(
-                            f"rx_tap_{errno.errorcode.get(exc.errno or 0, 'error')}"
-                        )
-                        return True
-                    if self.locked_mac is not None and not self._for_us(iov, n):
-                        self.counters.inc("rx_drop_locked_destination")
-                        continue
-                    if not self._fixup(iov, n):
-                        continue  # dropped: the same buffers take the next frame
-                pending += self._complete(n)
-                if pending >= BATCH:
-                    self._interrupt()
-                    pending = 0
-        finally:
-            if pending:
-                self._interrupt()
+        while True:
+            budget -= 1
+            if budget < 0:
+                engine.tap_ready = True
+                return None
+            if not self._fill():
+                engine.tap_ready = True  # frames may queue while we wait for buffers
+                return False
+            iov = self._views if len(self._views) <= IOV_MAX else self._views[:IOV_MAX]
+            if self._injected:  # only the RX thread takes from it: popleft cannot fail
+                n = self._copy_in(iov, self._injected.popleft())
+                if not n:
+                    continue
+            else:
+                if not engine.tap_ready:
+                    return True
+                try:
+                    n = os.readv(self.tap_fd, iov)
+                except BlockingIOError:
+                    engine.tap_ready = False
+                    return True
+                except OSError as exc:
+                    self.counters.inc(f"rx_tap_{errno.errorcode.get(exc.errno or 0, 'error')}")
+                    return True
+                if self.locked_mac is not None and not self._for_us(iov, n):
+                    self.counters.inc("rx_drop_locked_destination")
+                    continue
+                if not self._fixup(iov, n):
+                    continue  # dropped: the same buffers take the next frame
+            self._complete(n)
+            self._interrupt()
+            self.worked = True
 
     def _for_us(self, iov: list[memoryview], n: int) -> bool:
         """locked lladdr: unicast to the VM's MAC, or any broadcast/multicast."""
@@ -579,16 +752,25 @@ class RxLoop(QueueLoop):
         first = stash[0]
         left = n
         used = 0
+        consumed = 0
+        push = self.q.push
         while left > 0:
             chain = stash.popleft()
             take = min(left, chain.write_len)
-            self._room -= chain.write_len
-            self.q.push(chain.head, take)
+            consumed += chain.write_len
+            push(chain.head, take)
             used += 1
             left -= take
             if not self.mrg:
                 break
-        vnethdr.write_num_buffers(first.writable, used if self.mrg else 1)
+        self._room -= consumed
+        self._trim_views(consumed)
+        head = first.writable[0]
+        count = used if self.mrg else 1
+        if len(head) >= VNET_HDR_LEN:
+            head[10:12] = count.to_bytes(2, "little")
+        else:
+            vnethdr.write_num_buffers(first.writable, count)
         self.counters.add("rx_packets", 1)
         self.counters.add("rx_bytes", n - VNET_HDR_LEN)
         return used

@@ -94,7 +94,7 @@ class UnpopError(VirtqueueError):
 class Chain:
     """A validated descriptor chain: device-readable views first, then device-writable."""
 
-    __slots__ = ("head", "read_len", "readable", "writable", "write_len")
+    __slots__ = ("head", "read_len", "readable", "waddr", "writable", "write_len")
 
     def __init__(
         self,
@@ -103,12 +103,16 @@ class Chain:
         writable: list[memoryview],
         read_len: int,
         write_len: int,
+        waddr: int = -1,
     ) -> None:
         self.head = head
         self.readable = readable
         self.writable = writable
         self.read_len = read_len
         self.write_len = write_len
+        # GPA of the first writable byte (-1: none). With one writable view, the chain's
+        # writable bytes are exactly [waddr, waddr + write_len): RX coalesces adjacent ones.
+        self.waddr = waddr
 
     def __repr__(self) -> str:
         return f"Chain(head={self.head}, read_len={self.read_len}, write_len={self.write_len})"
@@ -307,6 +311,7 @@ class SplitQueue:
         cap = self.max_chain_bytes
         in_indirect = False
         seen_write = False
+        waddr = -1
         i = head
         count = 0
         while True:
@@ -349,6 +354,8 @@ class SplitQueue:
                             ChainErrorReason.BUFFER_OUTSIDE_MEMORY, head, str(exc)
                         ) from exc
                 if seen_write:
+                    if not writable:
+                        waddr = addr
                     writable += views
                     wlen += length
                 else:
@@ -359,7 +366,7 @@ class SplitQueue:
                         ChainErrorReason.CHAIN_TOO_BIG, head, f"over {cap} bytes"
                     )
             if not flags & VIRTQ_DESC_F_NEXT:
-                return Chain(head, readable, writable, rlen, wlen)
+                return Chain(head, readable, writable, rlen, wlen, waddr)
             if nxt >= table_len:
                 raise ChainError(
                     ChainErrorReason.NEXT_OUT_OF_RANGE, head, f"next {nxt} of {table_len}"
