@@ -119,6 +119,21 @@ class Transfer:
     gbps: float
     bytes: int
     cpu: dict[str, float]  # role ("vionet", "qemu") -> CPU seconds during the test
+    # TCP retransmissions of the sending side; None when the sender did not report them.
+    retransmits: int | None = None
+
+
+def sender_retransmits(end: dict[str, Any]) -> int | None:
+    """The sender's retransmission count from iperf3 -J's "end" section.
+
+    "sum_sent" is the sender's summary in both directions: with -R the server (the guest)
+    sends, and the client gets its count in the end-of-test exchange. iperf3 leaves the key
+    out, or reports -1, when the sender's kernel gives no TCP_INFO.
+    """
+    value = end.get("sum_sent", {}).get("retransmits")
+    if not isinstance(value, int) or value < 0:
+        return None
+    return value
 
 
 def iperf3(server: str, seconds: int, reverse: bool, pids: dict[str, int]) -> Transfer:
@@ -142,5 +157,6 @@ def iperf3(server: str, seconds: int, reverse: bool, pids: dict[str, int]) -> Tr
         received = data["end"]["sum_received"]
         return Transfer(gbps=float(received["bits_per_second"]) / 1e9,
                         bytes=int(received["bytes"]),
-                        cpu={role: after[role] - before[role] for role in pids})
+                        cpu={role: after[role] - before[role] for role in pids},
+                        retransmits=sender_retransmits(data["end"]))
     raise MeasureError(f"iperf3: server {server} never accepted a test")

@@ -2,10 +2,11 @@
 
 Each run boots the default guest in a network namespace of its own (created and removed
 here), measures boot-to-network time, ping RTT both ways, iperf3 TCP both ways and the CPU
-time of vionet and QEMU per GB moved. Rounds alternate which side goes first; the vmd-py
-offload matrix (offload all / csum / none) is measured in every round too.
+time of vionet and QEMU per GB moved, and the TCP retransmissions of each iperf3 sender.
+Rounds alternate which side goes first; the vmd-py offload matrix (offload all / csum / none)
+is measured in every round too. --long S adds one S-second iperf3 per direction and side.
 
-    python -m bench.netbench [--rounds N] [--seconds S]   (as root; see bench/README.md)
+    python -m bench.netbench [--rounds N] [--seconds S] [--long S]   (as root; see README)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from types import FrameType
 from typing import Literal
 
 from bench.measure import guest_ping_ms, host_ping_ms, iperf3
-from bench.report import Run, summary, table
+from bench.report import Run, long_table, summary, table
 from bench.sides import (
     CMDLINE,
     GUEST_IP,
@@ -61,6 +62,10 @@ def measure(side: str, offload: Offload, rnd: int, seconds: int, image: GuestIma
             h2g = iperf3(GUEST_IP, seconds, False, booted.pids)
     run.values["tcp_g2h_gbps"] = g2h.gbps
     run.values["tcp_h2g_gbps"] = h2g.gbps
+    if g2h.retransmits is not None:
+        run.values["tcp_g2h_retrans"] = g2h.retransmits
+    if h2g.retransmits is not None:
+        run.values["tcp_h2g_retrans"] = h2g.retransmits
     gb = (g2h.bytes + h2g.bytes) / 1e9
     cpu = {role: g2h.cpu[role] + h2g.cpu[role] for role in g2h.cpu}
     run.values["cpu_qemu_s_per_gb"] = cpu["qemu"] / gb
@@ -68,6 +73,11 @@ def measure(side: str, offload: Offload, rnd: int, seconds: int, image: GuestIma
         run.values["cpu_vionet_s_per_gb"] = cpu["vionet"] / gb
     run.values["cpu_s_per_gb"] = sum(cpu.values()) / gb
     return run
+
+
+def _brief(run: Run) -> str:
+    return ", ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.3f}"
+                     for k, v in run.values.items())
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -81,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=int, default=10, help="iperf3 time per test (default 10)")
     ap.add_argument("--no-offload-matrix", action="store_true",
                     help="skip the vmd-py offload csum/none runs")
+    ap.add_argument("--long", type=int, default=0, metavar="SECONDS",
+                    help="after the rounds, one iperf3 of SECONDS per direction on each side "
+                         "(default 0: off)")
     ap.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -88,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.rounds < 1 or args.seconds < 1:
         ap.error("--rounds and --seconds must be at least 1")
+    if args.long < 0:
+        ap.error("--long must not be negative")
     signal.signal(signal.SIGTERM, _terminate)
     image = ensure_guest_image()
     accel, why = kvm_status()
@@ -104,10 +119,21 @@ def main(argv: list[str] | None = None) -> int:
         for side, offload, full in plan:
             log(f"round {rnd + 1}/{args.rounds}: {side} offload {offload}")
             run = measure(side, offload, rnd, args.seconds, image, accel, full)
-            log("  " + ", ".join(f"{k}={v:.3f}" for k, v in run.values.items()))
+            log("  " + _brief(run))
             runs.append(run)
 
+    long_runs: list[Run] = []
+    if args.long:
+        for side in ("vmd", "qemu"):
+            log(f"long run: {side}, {args.long} s per direction")
+            run = measure(side, "all", args.rounds, args.long, image, accel, False)
+            log("  " + _brief(run))
+            long_runs.append(run)
+
     print(table(runs, args.rounds, args.seconds))
+    if long_runs:
+        print()
+        print(long_table(long_runs, args.long))
     extra = {
         "seconds": args.seconds, "accel": accel, "host_cpus": os.cpu_count(),
         "guest": {"kernel": image.version, "memory_mb": MEMORY_MB, "vcpus": 1,
@@ -116,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(summary(runs, args.rounds, extra), indent=2) + "\n")
+    result = summary(runs, args.rounds, extra, long_runs, args.long)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
     log(f"results in {args.output}")
     return 0
 

@@ -34,6 +34,7 @@ from vmd_py.virtio_defs import VNET_HDR_LEN, NetF, VnetGso, VnetHdrFlags
 log = logging.getLogger("vionet.datapath")
 
 BATCH = 64  # packets between used-ring publications (and interrupts) while draining
+RX_BATCH = 64
 IOV_MAX = 1024
 MAX_GSO_FRAME = 65535 + 14 + 4  # tun never hands more than a 64 KiB IP packet plus L2
 MAX_PLAIN_FRAME = 1514 + 4 + 4  # MTU 1500 + Ethernet + VLAN + slack
@@ -652,44 +653,59 @@ class RxLoop(QueueLoop):
         """Move frames until the tap is empty (True), the guest is out of buffers (False) or
         the budget is used up (None).
 
-        Each frame is published, and the guest interrupted if it asked to be (EVENT_IDX or
-        NO_INTERRUPT suppress the rest while its NAPI poll runs), before the next read: the
-        guest starts on a frame at once instead of after the read that finds the tap empty.
+        Every frame is published at once (a guest polling its ring takes it), and the first
+        of a drain raises the interrupt straight away if the guest wants one: its NAPI poll
+        starts while we read on. After that the interrupt check goes every RX_BATCH frames
+        and at the end, as the guest, busy polling, has interrupts off anyway.
         """
         engine = self.engine
         budget = self.budget
-        while True:
-            budget -= 1
-            if budget < 0:
-                engine.tap_ready = True
-                return None
-            if not self._fill():
-                engine.tap_ready = True  # frames may queue while we wait for buffers
-                return False
-            iov = self._views if len(self._views) <= IOV_MAX else self._views[:IOV_MAX]
-            if self._injected:  # only the RX thread takes from it: popleft cannot fail
-                n = self._copy_in(iov, self._injected.popleft())
-                if not n:
-                    continue
-            else:
-                if not engine.tap_ready:
-                    return True
-                try:
-                    n = os.readv(self.tap_fd, iov)
-                except BlockingIOError:
-                    engine.tap_ready = False
-                    return True
-                except OSError as exc:
-                    self.counters.inc(f"rx_tap_{errno.errorcode.get(exc.errno or 0, 'error')}")
-                    return True
-                if self.locked_mac is not None and not self._for_us(iov, n):
-                    self.counters.inc("rx_drop_locked_destination")
-                    continue
-                if not self._fixup(iov, n):
-                    continue  # dropped: the same buffers take the next frame
-            self._complete(n)
-            self._interrupt()
-            self.worked = True
+        first = True
+        pending = 0
+        try:
+            while True:
+                budget -= 1
+                if budget < 0:
+                    engine.tap_ready = True
+                    return None
+                if not self._fill():
+                    engine.tap_ready = True  # frames may queue while we wait for buffers
+                    return False
+                iov = self._views if len(self._views) <= IOV_MAX else self._views[:IOV_MAX]
+                if self._injected:  # only the RX thread takes from it: popleft cannot fail
+                    n = self._copy_in(iov, self._injected.popleft())
+                    if not n:
+                        continue
+                else:
+                    if not engine.tap_ready:
+                        return True
+                    try:
+                        n = os.readv(self.tap_fd, iov)
+                    except BlockingIOError:
+                        engine.tap_ready = False
+                        return True
+                    except OSError as exc:
+                        self.counters.inc(
+                            f"rx_tap_{errno.errorcode.get(exc.errno or 0, 'error')}"
+                        )
+                        return True
+                    if self.locked_mac is not None and not self._for_us(iov, n):
+                        self.counters.inc("rx_drop_locked_destination")
+                        continue
+                    if not self._fixup(iov, n):
+                        continue  # dropped: the same buffers take the next frame
+                self._complete(n)
+                self.worked = True
+                if first or pending >= RX_BATCH:
+                    self._interrupt()
+                    first = False
+                    pending = 0
+                else:
+                    self.q.publish()
+                    pending += 1
+        finally:
+            if pending:
+                self._interrupt()
 
     def _for_us(self, iov: list[memoryview], n: int) -> bool:
         """locked lladdr: unicast to the VM's MAC, or any broadcast/multicast."""
