@@ -26,6 +26,7 @@ from imsg.errors import ImsgError
 from parent import bridge
 from parent.broker import NicPolicy, TunscapRefused, allowed_mask, decide, offered_features
 from parent.local import LocalAddrs, assign_host_address
+from parent.placement import pin_process
 from parent.spawn import EMPTY_ROOT, SANDBOX_USER, WorkerArgs, spawn_vionet
 from parent.tap import Tap
 
@@ -46,6 +47,7 @@ class NicSpec:
     locked: bool = False
     vhost_path: str | None = None  # where QEMU will connect (the parent listens, vionet accepts)
     local: LocalAddrs | None = None  # local interface: the /31 (host side goes on the tap)
+    cpus: frozenset[int] | None = None  # where the worker may run (parent/placement.py)
 
 
 @dataclass
@@ -177,6 +179,10 @@ class Parent:
             nic.proc = proc
             nic.exited = trio.Event()
             log.info("%s: vionet worker pid %d", nic.spec.name, proc.pid)
+            if nic.spec.cpus:
+                # Still one thread (Popen returns after its exec): the engine thread it
+                # starts later inherits the mask.
+                pin_process(proc.pid, nic.spec.cpus)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._serve_then_cancel, nic, sock, nursery.cancel_scope)

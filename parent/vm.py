@@ -29,6 +29,7 @@ import trio
 from imsg.catalogue import MsgType
 from imsg.codec import Imsg
 from parent.local import LocalAddressError, local_addrs_for
+from parent.placement import Placement, Placer, pin_threads, vcpu_thread_ids
 from parent.supervisor import NicSpec, Parent, relay_log, wait_process
 from vmd_py.accel import probe_accel
 from vmd_py.config.model import MAX_DISKS, Config, NicConf, VmConf
@@ -97,6 +98,7 @@ class VmRun:
     quick_starts: int = 0
     stop_requested: bool = False
     shutdown_reason: str | None = None  # from QMP's SHUTDOWN event
+    placement: Placement | None = None  # CPUs for its vCPU and its workers (None: anywhere)
     exited: trio.Event = field(default_factory=trio.Event)
     started_at: float | None = None
     fds: list[int] = field(default_factory=list)  # image fds open only until QEMU has them
@@ -142,6 +144,7 @@ class VmManager:
         self._accel: str | None = None
         self._nursery: trio.Nursery | None = None
         self._taps_in_use: set[str] = set()
+        self._placer = Placer()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -194,6 +197,9 @@ class VmManager:
             }
             if vm and running and verbose:
                 entry["nics"] = [await self._nic_status(nic) for nic in vm.nics]
+                if vm.placement is not None:
+                    entry["cpus"] = {"vcpus": sorted(vm.placement.vcpus),
+                                     "vionet": sorted(vm.placement.devices)}
             out.append(entry)
         return out
 
@@ -300,6 +306,7 @@ class VmManager:
 
         backends: list[NicBackend] = []
         vm.nics = []
+        vm.placement = self._placer.place()
         for index, nconf in enumerate(conf.interfaces):
             switch = self.config.nic_switch(nconf)
             spec = NicSpec(
@@ -310,6 +317,7 @@ class VmManager:
                 mac=nconf.lladdr or _mac_for(vm.vm_id, index),
                 locked=self.config.nic_locked(nconf),
                 vhost_path=str(rundir / f"net{index}.sock"),
+                cpus=vm.placement.devices if vm.placement else None,
             )
             # --- local interface (parent/local.py): the NIC's /31; the supervisor puts the
             # host side on the tap and hands both addresses to the worker for its DHCP.
@@ -374,6 +382,7 @@ class VmManager:
         if vm.proc.stderr is not None:
             self._nursery.start_soon(_relay_stderr, f"qemu.{vm.name}", vm.proc.stderr)
         vm.qmp = await self._connect_qmp(vm, rundir / "qmp.sock")
+        await self._pin_vcpus(vm, vm.qmp)
         vm.tty = await self._find_pty(vm.qmp)
         if vm.tty and vm.owner_uid is not None:
             os.chown(vm.tty, vm.owner_uid, -1)
@@ -446,6 +455,19 @@ class VmManager:
             raise VmError(f"{vm.name}: QEMU failed to start ({exc})", 5) from None
         await ready.wait()
         return holder[0]
+
+    async def _pin_vcpus(self, vm: VmRun, qmp: QmpClient) -> None:
+        """Put the vCPU threads on the VM's home CPU (parent/placement.py)."""
+        if vm.placement is None:
+            return
+        try:
+            tids = vcpu_thread_ids(await qmp.execute("query-cpus-fast"))
+        except QmpError as exc:
+            log.warning("%s: no vCPU thread ids (%s): vCPUs not pinned", vm.name, exc)
+            return
+        pinned = pin_threads(tids, vm.placement.vcpus)
+        log.info("%s: vCPU threads %s on CPU %s (%d pinned), vionet on CPU %s", vm.name, tids,
+                 sorted(vm.placement.vcpus), pinned, sorted(vm.placement.devices))
 
     async def _find_pty(self, qmp: QmpClient) -> str | None:
         for dev in await qmp.execute("query-chardev"):

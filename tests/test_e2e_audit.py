@@ -47,4 +47,16 @@ def test_running_vm_processes_are_confined(in_netns: str, tmp_path: Path,
         assert devices == ["lo"]
         # And QEMU is not the workers' user: it cannot signal or ptrace them.
         assert proc_status(worker)["Uid"].split()[0] != str(vmuser.pw_uid)
+
+        # CPU placement: the vCPU thread on the VM's home CPU, every worker thread elsewhere.
+        if len(os.sched_getaffinity(0)) >= 2:
+            cpus = status["cpus"]
+            assert set(cpus["vcpus"]).isdisjoint(cpus["vionet"]), cpus
+            for tid in os.listdir(f"/proc/{qemu}/task"):
+                if Path(f"/proc/{qemu}/task/{tid}/comm").read_text().startswith("CPU "):
+                    assert os.sched_getaffinity(int(tid)) == set(cpus["vcpus"])
+            tids = os.listdir(f"/proc/{worker}/task")
+            assert len(tids) >= 2  # the trio thread and the packet engine
+            for tid in tids:
+                assert os.sched_getaffinity(int(tid)) == set(cpus["vionet"])
         vmd.vmctl("stop", "-w", name)

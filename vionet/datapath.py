@@ -392,11 +392,14 @@ class QueueLoop:
     def service(self, polling: bool) -> int:
         raise NotImplementedError
 
-    def _interrupt(self) -> None:
+    def _interrupt(self) -> bool:
+        """Publish, and signal the guest if it wants it; whether it was signalled."""
         self.q.publish()
         if self.q.needs_interrupt():
             _signal(self.call_fd)
             self.counters.inc(self._irq_counter)
+            return True
+        return False
 
 
 class TxLoop(QueueLoop):
@@ -462,46 +465,48 @@ class TxLoop(QueueLoop):
             self.worked = True
         return budget >= 0
 
-    def _send(self, chain: Chain) -> None:
+    def _send(self, chain: Chain) -> bool:
+        """Validate and write one frame to the tap; whether it was written."""
         if chain.writable:
             self.counters.inc("tx_drop_writable_descriptor")
-            return
+            return False
         iov = chain.readable
         try:
             raw = vnethdr.gather(iov)
         except vnethdr.HeaderError:
             self.counters.inc("tx_drop_short_header")
-            return
+            return False
         frame_len = chain.read_len - VNET_HDR_LEN
         verdict = vnethdr.validate_tx(raw, frame_len, self.acked)
         if isinstance(verdict, vnethdr.DropReason):
             self.counters.inc(f"tx_drop_{verdict.value}")
-            return
+            return False
         frame = vnethdr.skip(iov, VNET_HDR_LEN)
         if self.locked_mac is not None:
             first = frame[0] if frame else b""
             src = first[6:12] if len(first) >= 12 else _head(frame, 12)[6:12]
             if src != self.locked_mac:
                 self._bad_source(bytes(src))
-                return
+                return False
         if self.dhcp is not None and dhcp.is_server_bound(_head(frame, dhcp.peek_len())):
             # Ours to answer, valid or not: a local interface's DHCP never reaches the tap.
             reply = self.dhcp.answer(_head(frame, dhcp.MAX_FRAME + 1))
             if reply is not None and self.injected is not None:
                 self.injected.put(reply)
-            return
+            return False
         out: list[bytes | memoryview] = [vnethdr.for_tap(verdict), *frame]
         if len(out) > IOV_MAX:
             self.counters.inc("tx_drop_too_many_segments")
-            return
+            return False
         try:
             os.writev(self.tap_fd, out)
         except OSError as exc:
             self.counters.inc(f"tx_drop_tap_{errno.errorcode.get(exc.errno or 0, 'error')}")
-            return
+            return False
         self.engine.tap_ready = True
         self.counters.add("tx_packets", 1)
         self.counters.add("tx_bytes", frame_len)
+        return True
 
     def _bad_source(self, src: bytes) -> None:
         self.counters.inc("tx_drop_bad_source_address")
@@ -697,7 +702,10 @@ class RxLoop(QueueLoop):
                 self._complete(n)
                 self.worked = True
                 if first or pending >= RX_BATCH:
-                    self._interrupt()
+                    if self._interrupt() and first:
+                        # QEMU's main loop, which turns the signal into the guest's
+                        # interrupt, may be queued on this core: let it run first.
+                        os.sched_yield()
                     first = False
                     pending = 0
                 else:

@@ -7,6 +7,7 @@ there is no filesystem (empty chroot) and no open() (seccomp), so a lazy import 
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import logging
 import os
@@ -185,6 +186,11 @@ async def _amain(args: argparse.Namespace, sock: socket.socket) -> None:
         # After trio made its epoll fd and wakeup socketpair; before reading any message.
         sandbox.lock_down()
     chan = TrioImsgChannel(ImsgSocket(sock, VIONET_FROM_PARENT), role="vionet")
+    # Everything made so far (modules, trio's machinery) lives as long as the process: out of
+    # the cyclic GC's sight, a full collection no longer walks it, so it cannot stall the
+    # packet thread for milliseconds (long enough for a TCP tail-loss probe).
+    gc.collect()
+    gc.freeze()
     await chan.hello()
     await Worker(args, chan).run()
 
