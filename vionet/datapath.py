@@ -33,7 +33,10 @@ from vmd_py.virtio_defs import VNET_HDR_LEN, NetF, VnetGso, VnetHdrFlags
 log = logging.getLogger("vionet.datapath")
 
 BATCH = 64  # packets between used-ring publications (and interrupts) while draining
-RX_BATCH = 64
+# RX interrupt moderation while frames stream in (the last interrupt less than RX_STREAM_US
+# ago): frames are published at once, the interrupt follows RX_COALESCE_US later.
+RX_STREAM_US = 300
+RX_COALESCE_US = 50
 IOV_MAX = 1024
 MAX_GSO_FRAME = 65535 + 14 + 4  # tun never hands more than a 64 KiB IP packet plus L2
 MAX_PLAIN_FRAME = 1514 + 4 + 4  # MTU 1500 + Ethernet + VLAN + slack
@@ -268,7 +271,7 @@ class Engine:
                 continue
             for loop in loops:
                 if loop.owed and (
-                    timeout is None or not self.poll_ns or now - loop.owed_at >= self.coalesce_ns
+                    timeout is None or not self.poll_ns or now - loop.owed_at >= loop.coalesce_ns
                 ):
                     loop.flush()
             for fd, _events in poller.poll(timeout):
@@ -324,8 +327,9 @@ class QueueLoop:
         self.due = True  # serve on the next pass: kicked, woken, or work was left over
         self.flags = 0  # what service() last returned (a loop not served keeps its wishes)
         self.worked = False  # a frame moved since the engine last looked
-        self.owed = False  # completions published whose interrupt may wait (Engine.coalesce_ns)
+        self.owed = False  # completions published whose interrupt may wait (coalesce_ns)
         self.owed_at = 0  # monotonic ns when owed became True
+        self.last_signal = 0  # monotonic ns of the last interrupt raised
         self.kicked = False  # poll saw the kick eventfd readable; take_kick() resets it
         self.unsettled = False  # service() left work for settle() at the end of the pass
         # Notification counts: how well kick and interrupt suppression work (vmctl status -v).
@@ -402,12 +406,27 @@ class QueueLoop:
             if _drain_eventfd(self.kick_fd):
                 self.counters.inc(self.kick_counter)
 
+    @property
+    def coalesce_ns(self) -> int:
+        """How long an owed interrupt may wait while the engine polls."""
+        return self.engine.coalesce_ns
+
+    def owe(self) -> None:
+        """Published completions whose interrupt the engine raises later (flush)."""
+        if not self.owed:
+            self.owed = True
+            self.owed_at = time.monotonic_ns()
+
     def flush(self) -> None:
         """Raise the interrupt owed for completions published earlier in the pass."""
         self.owed = False
         if self.q.needs_interrupt():
-            _signal(self.call_fd)
-            self.counters.inc(self._irq_counter)
+            self._signal()
+
+    def _signal(self) -> None:
+        _signal(self.call_fd)
+        self.last_signal = time.monotonic_ns()
+        self.counters.inc(self._irq_counter)
 
     def service(self, polling: bool) -> int:
         raise NotImplementedError
@@ -420,8 +439,7 @@ class QueueLoop:
         """Publish, and signal the guest if it wants it; whether it was signalled."""
         self.q.publish()
         if self.q.needs_interrupt():
-            _signal(self.call_fd)
-            self.counters.inc(self._irq_counter)
+            self._signal()
             return True
         return False
 
@@ -490,9 +508,7 @@ class TxLoop(QueueLoop):
                 pending = 0
         if pending:
             q.publish()
-            if not self.owed:
-                self.owed = True
-                self.owed_at = time.monotonic_ns()
+            self.owe()
             self.worked = True
         return budget >= 0
 
@@ -564,6 +580,10 @@ class RxLoop(QueueLoop):
 
     name = "vionet-rx"
     order = 1
+
+    @property
+    def coalesce_ns(self) -> int:
+        return min(self.engine.poll_ns, RX_COALESCE_US * 1000)
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -689,62 +709,66 @@ class RxLoop(QueueLoop):
         """Move frames until the tap is empty (True), the guest is out of buffers (False) or
         the budget is used up (None).
 
-        Every frame is published at once (a guest polling its ring takes it), and the first
-        of a drain raises the interrupt straight away if the guest wants one: its NAPI poll
-        starts while we read on. After that the interrupt check goes every RX_BATCH frames
-        and at the end, as the guest, busy polling, has interrupts off anyway.
+        Every frame is published at once (a guest polling its ring takes it). The first of
+        a drain raises the interrupt straight away if the guest wants one, unless frames are
+        streaming in (the last interrupt less than RX_STREAM_US ago); every other interrupt
+        is owed and raised RX_COALESCE_US later (the engine's flush, or here in a long
+        drain): interrupt moderation, as a NIC does, so the guest's NAPI takes frames in
+        batches instead of re-arming per frame.
         """
         engine = self.engine
         budget = self.budget
         first = True
-        pending = 0
-        try:
-            while True:
-                budget -= 1
-                if budget < 0:
-                    engine.tap_ready = True
-                    return None
-                if not self._fill():
-                    engine.tap_ready = True  # frames may queue while we wait for buffers
-                    return False
-                iov = self._views if len(self._views) <= IOV_MAX else self._views[:IOV_MAX]
-                if self._injected:  # only the RX thread takes from it: popleft cannot fail
-                    n = self._copy_in(iov, self._injected.popleft())
-                    if not n:
-                        continue
-                else:
-                    if not engine.tap_ready:
-                        return True
-                    try:
-                        n = os.readv(self.tap_fd, iov)
-                    except BlockingIOError:
-                        engine.tap_ready = False
-                        return True
-                    except OSError as exc:
-                        self.counters.inc(
-                            f"rx_tap_{errno.errorcode.get(exc.errno or 0, 'error')}"
-                        )
-                        return True
-                    if self.locked_mac is not None and not self._for_us(iov, n):
-                        self.counters.inc("rx_drop_locked_destination")
-                        continue
-                    if not self._fixup(iov, n):
-                        continue  # dropped: the same buffers take the next frame
-                self._complete(n)
-                self.worked = True
-                if first or pending >= RX_BATCH:
-                    if self._interrupt() and first:
-                        # QEMU's main loop, which turns the signal into the guest's
-                        # interrupt, may be queued on this core: let it run first.
-                        os.sched_yield()
-                    first = False
-                    pending = 0
-                else:
-                    self.q.publish()
-                    pending += 1
-        finally:
-            if pending:
-                self._interrupt()
+        while True:
+            budget -= 1
+            if budget < 0:
+                engine.tap_ready = True
+                return None
+            if not self._fill():
+                engine.tap_ready = True  # frames may queue while we wait for buffers
+                return False
+            iov = self._views if len(self._views) <= IOV_MAX else self._views[:IOV_MAX]
+            if self._injected:  # only the RX thread takes from it: popleft cannot fail
+                n = self._copy_in(iov, self._injected.popleft())
+                if not n:
+                    continue
+            else:
+                if not engine.tap_ready:
+                    return True
+                try:
+                    n = os.readv(self.tap_fd, iov)
+                except BlockingIOError:
+                    engine.tap_ready = False
+                    return True
+                except OSError as exc:
+                    self.counters.inc(
+                        f"rx_tap_{errno.errorcode.get(exc.errno or 0, 'error')}"
+                    )
+                    return True
+                if self.locked_mac is not None and not self._for_us(iov, n):
+                    self.counters.inc("rx_drop_locked_destination")
+                    continue
+                if not self._fixup(iov, n):
+                    continue  # dropped: the same buffers take the next frame
+            self._complete(n)
+            self.worked = True
+            if first and not self._streaming():
+                if self._interrupt():
+                    # QEMU's main loop, which turns the signal into the guest's
+                    # interrupt, may be queued on this core: let it run first.
+                    os.sched_yield()
+            else:
+                self.q.publish()
+                self.owe()
+                if time.monotonic_ns() - self.owed_at >= self.coalesce_ns:
+                    self.flush()  # a long drain: the guest must not wait for its end
+            first = False
+
+    def _streaming(self) -> bool:
+        """Frames keep coming (the last interrupt was recent): moderate, as a NIC would."""
+        return bool(self.engine.poll_ns) and (
+            time.monotonic_ns() - self.last_signal < RX_STREAM_US * 1000
+        )
 
     def _for_us(self, iov: list[memoryview], n: int) -> bool:
         """locked lladdr: unicast to the VM's MAC, or any broadcast/multicast."""
