@@ -23,7 +23,15 @@ from tests.device_harness import FakeTap, raw_frame
 from tests.virtio_harness import FakeDriver, Used, make_memory
 from vionet import datapath
 from vionet.counters import Counters
-from vionet.datapath import TX_COALESCE_US, Engine, QueueLoop, RxLoop, TxLoop
+from vionet.datapath import (
+    RX_COALESCE_US,
+    RX_STREAM_US,
+    TX_COALESCE_US,
+    Engine,
+    QueueLoop,
+    RxLoop,
+    TxLoop,
+)
 from vionet.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Chain
 from vionet.vnethdr import VnetHdr
 from vmd_py.virtio_defs import VNET_HDR_LEN, NetF
@@ -571,3 +579,242 @@ def test_busy_poll_sends_unkicked_frames_then_rearms_kicks() -> None:
         assert rig.post_tx(raw_frame(90, 6)), "a sleeping device must ask for a kick"
         assert rig.tap.read(timeout=2.0)[1] == raw_frame(90, 6)
         wait_for(lambda: drv.used_idx() == 7, 1.0, "all completed")
+
+
+# -- RX interrupt moderation -----------------------------------------------------------------
+
+RX_BUF = 1536  # one plain frame per buffer (MAX_FRAME fits)
+T0 = 1_000 * 10**9  # the fake clock's start: long after any last_signal of 0
+
+
+class FakeClock:
+    """Stands in for ``time`` in vionet.datapath: ``monotonic_ns`` moves only when the test
+    moves it (or by ``step`` per call), so moderation windows do not depend on the load."""
+
+    def __init__(self, now: int, step: int = 0) -> None:
+        self.now = now
+        self.step = step
+
+    def monotonic_ns(self) -> int:
+        now = self.now
+        self.now += self.step
+        return now
+
+    @staticmethod
+    def monotonic() -> float:
+        return time.monotonic()
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock(T0)
+    monkeypatch.setattr(datapath, "time", fake)
+    return fake
+
+
+class Passes:
+    """Counts the engine's passes (each calls the loop's run_once, polling or not)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, loop: QueueLoop) -> None:
+        self.count = 0
+        real = loop.run_once
+
+        def counted(polling: bool = False) -> int:
+            self.count += 1
+            return real(polling)
+
+        monkeypatch.setattr(loop, "run_once", counted)
+
+    def wait(self, n: int) -> None:
+        target = self.count + n
+        wait_for(lambda: self.count >= target, 5.0, f"{n} more engine passes")
+
+
+def _rx_buffers(rig: Rig, n: int) -> None:
+    old = rig.drv.avail_idx
+    for _ in range(n):
+        rig.drv.add(writable=[RX_BUF], expose=False)
+    rig.drv.expose()
+    rig.kick_if_needed(old)
+
+
+def _guest_take(rig: Rig) -> list[bytes]:
+    """Take the used RX buffers (a frame each), post as many again, and re-arm used_event:
+    the guest wants an interrupt for the next frame, not for those it just took."""
+    drv = rig.drv
+    used = drv.get_used()
+    _rx_buffers(rig, len(used))
+    drv.set_used_event(drv.last_used)
+    assert all(VnetHdr.unpack(u.written[:VNET_HDR_LEN]).num_buffers == 1 for u in used)
+    return [u.written[VNET_HDR_LEN:] for u in used]
+
+
+@pytest.mark.parametrize("quiet_us", [RX_STREAM_US, 5_000_000], ids=["window-end", "5s"])
+def test_rx_frame_after_a_quiet_spell_interrupts_at_once(
+    monkeypatch: pytest.MonkeyPatch, clock: FakeClock, quiet_us: int
+) -> None:
+    with make_rig(RxLoop, BASE, engine=Engine(poll_us=1000)) as rig:
+        loop = rx_loop(rig)
+        at_signal = _record_used_at_signal(monkeypatch, rig.drv)
+        _rx_buffers(rig, 4)
+        rig.tap.inject(raw_frame(80, 0))
+        run_rx(rig)
+        assert rig.call_pending(), "the first frame ever must interrupt at once"
+        assert loop.last_signal == T0
+        assert _guest_take(rig) == [raw_frame(80, 0)]
+
+        clock.now += quiet_us * 1000  # no RX interrupt for RX_STREAM_US or more
+        rig.tap.inject(raw_frame(80, 1))
+        run_rx(rig)
+        assert rig.call_pending(), "a frame after a quiet spell was not interrupted at once"
+        assert not loop.owed
+        assert at_signal == [1, 2], "interrupt raised before used->idx was published"
+        assert _guest_take(rig) == [raw_frame(80, 1)]
+        assert rig.counters["rx_interrupts"] == 2
+
+
+def _stream_second_frame(rig: Rig, clock: FakeClock, passes: Passes) -> None:
+    """Frame 0 interrupts at once; frame 1, 100 us later, is published but its interrupt owed."""
+    loop = rx_loop(rig)
+    _rx_buffers(rig, 4)
+    rig.tap.inject(raw_frame(80, 0))
+    assert rig.call_pending(timeout=5.0), "frame 0: no interrupt"
+    assert loop.last_signal == T0
+    assert _guest_take(rig) == [raw_frame(80, 0)]  # wants an interrupt for frame 1
+    # Let frame 0's drain end (it signals before its last readv): frame 1 must be the
+    # first of a drain, owed because of the recent interrupt only.
+    passes.wait(2)
+
+    clock.now += 100_000  # within RX_STREAM_US of that interrupt: streaming
+    rig.tap.inject(raw_frame(80, 1))
+    wait_for(lambda: rig.drv.used_idx() == 2, 5.0, "frame 1 published")
+    passes.wait(3)  # the engine polls on (the clock stands still) and would flush if due
+    assert loop.owed and loop.owed_at == clock.now
+    assert not rig.call_pending(), "streaming: the interrupt was not held"
+
+
+def test_rx_streaming_frame_published_at_once_interrupt_after_coalesce(
+    monkeypatch: pytest.MonkeyPatch, clock: FakeClock
+) -> None:
+    with make_rig(RxLoop, BASE, engine=Engine(poll_us=1000), start=True) as rig:
+        loop = rx_loop(rig)
+        coalesce = loop.coalesce_ns
+        assert coalesce == RX_COALESCE_US * 1000 < rig.engine.poll_ns
+        at_signal = _record_used_at_signal(monkeypatch, rig.drv)
+        passes = Passes(monkeypatch, loop)
+        _stream_second_frame(rig, clock, passes)
+
+        clock.now += coalesce - 1
+        passes.wait(3)
+        assert not rig.call_pending(), "owed interrupt raised before coalesce_ns"
+        assert loop.owed
+        clock.now += 1
+        assert rig.call_pending(timeout=5.0), "owed interrupt never raised by the engine"
+        assert at_signal == [1, 2]
+        assert not loop.owed
+        assert _guest_take(rig) == [raw_frame(80, 1)]
+
+
+def test_rx_owed_interrupt_dropped_when_guest_took_the_frame_first(
+    monkeypatch: pytest.MonkeyPatch, clock: FakeClock
+) -> None:
+    with make_rig(RxLoop, BASE, engine=Engine(poll_us=1000), start=True) as rig:
+        loop = rx_loop(rig)
+        at_signal = _record_used_at_signal(monkeypatch, rig.drv)
+        passes = Passes(monkeypatch, loop)
+        _stream_second_frame(rig, clock, passes)
+
+        # The guest's NAPI poll takes frame 1 by itself and re-arms used_event past it.
+        assert _guest_take(rig) == [raw_frame(80, 1)]
+        clock.now += loop.coalesce_ns
+        wait_for(lambda: not loop.owed, 5.0, "the engine's flush")
+        passes.wait(2)  # flush() clears owed before it decides: let it finish
+        assert not rig.call_pending(), "interrupt raised the guest no longer wants"
+        assert at_signal == [1]
+
+        # Still streaming (150 us since the last interrupt): the next frame's interrupt,
+        # which the guest does want, is held and then raised.
+        rig.tap.inject(raw_frame(80, 2))
+        wait_for(lambda: rig.drv.used_idx() == 3, 5.0, "frame 2 published")
+        passes.wait(3)
+        assert loop.owed and not rig.call_pending()
+        clock.now += loop.coalesce_ns
+        assert rig.call_pending(timeout=5.0), "frame 2: owed interrupt never raised"
+        assert at_signal == [1, 3]
+        # Counted just after the signal: the guest may wake before the count.
+        wait_for(lambda: rig.counters["rx_interrupts"] == 2, 5.0, "two interrupts counted")
+
+
+def test_rx_without_polling_is_not_moderated(
+    monkeypatch: pytest.MonkeyPatch, clock: FakeClock
+) -> None:
+    with make_rig(RxLoop, BASE, engine=Engine(poll_us=0)) as rig:
+        loop = rx_loop(rig)
+        assert loop.coalesce_ns == 0
+        drv = rig.drv
+        at_signal = _record_used_at_signal(monkeypatch, drv)
+        _rx_buffers(rig, 8)
+        # The clock stands still: each interrupt follows the previous one 0 ns later.
+        for k in range(4):
+            rig.tap.inject(raw_frame(80, k))
+            run_rx(rig)
+            assert rig.call_pending(), f"frame {k}: not interrupted at once"
+            assert not loop.owed
+            assert _guest_take(rig) == [raw_frame(80, k)]
+        assert at_signal == [1, 2, 3, 4]
+        assert loop.last_signal == T0
+
+        # A drain of three where the guest wants its interrupt at the second frame: raised
+        # within the pass, nothing left owed.
+        drv.set_used_event(drv.last_used + 1)
+        frames = [raw_frame(90, k) for k in range(3)]
+        for f in frames:
+            rig.tap.inject(f)
+        run_rx(rig)
+        assert rig.call_pending(), "a later frame's interrupt was not raised in the pass"
+        assert not loop.owed
+        assert at_signal == [1, 2, 3, 4, 6]
+        assert _guest_take(rig) == frames
+        assert rig.counters["rx_interrupts"] == 5
+
+
+def test_rx_long_drain_raises_the_owed_interrupt_inside_the_drain(
+    monkeypatch: pytest.MonkeyPatch, clock: FakeClock
+) -> None:
+    step = 10_000
+    n = 40
+    with make_rig(RxLoop, BASE, engine=Engine(poll_us=1000)) as rig:
+        loop = rx_loop(rig)
+        drv = rig.drv
+        coalesce = loop.coalesce_ns
+        assert loop.budget > n
+        _rx_buffers(rig, n)
+        run_rx(rig)  # tap empty: the loop only stashes a buffer
+        frames = [raw_frame(60 + k, k) for k in range(n)]
+        for f in frames:
+            rig.tap.inject(f)
+        loop.last_signal = clock.now  # an interrupt just now: frames are streaming
+        clock.step = step  # from here on the clock moves 10 us per look
+
+        signals: list[tuple[int, int]] = []  # (used idx, ns since owed) per interrupt
+        real = datapath._signal
+
+        def guest_irq(fd: int | None) -> None:
+            signals.append((drv.used_idx(), clock.now - loop.owed_at))
+            drv.set_used_event(drv.used_idx())  # the handler asks for the next frame too
+            real(fd)
+
+        monkeypatch.setattr(datapath, "_signal", guest_irq)
+        run_rx(rig)
+        assert drv.used_idx() == n
+        assert signals, "no interrupt raised during the drain"
+        assert signals[0][0] < n // 2, f"first interrupt only at used idx {signals[0][0]}"
+        used_at = [u for u, _ in signals]
+        assert used_at == sorted(set(used_at))
+        assert 2 <= len(signals) < n // 2, f"not moderated: {len(signals)} interrupts"
+        for used, waited in signals:
+            # Due after coalesce_ns, and raised then, within a frame or two.
+            assert coalesce <= waited < 2 * coalesce, f"at used idx {used}: {waited} ns"
+        assert rig.call_pending()
+        assert _guest_take(rig) == frames
+        assert rig.counters["rx_interrupts"] == len(signals)
