@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-n", action="store_true", help="check the configuration and exit")
     p.add_argument("-s", dest="socket", default=DEFAULT_SOCKET, help="control socket")
     p.add_argument("-v", action="count", default=0, help="verbose logging")
+    p.add_argument("-P", dest="no_placement", action="store_true",
+                   help="no CPU placement: leave vCPU and vionet threads to the scheduler")
     return p.parse_args(argv)
 
 
@@ -55,7 +57,7 @@ class Daemon:
         self.args = args
         self.config = config
         self.parent = Parent()
-        self.vms = VmManager(self.parent, config)
+        self.vms = VmManager(self.parent, config, placement=not args.no_placement)
         self.control: TrioImsgChannel | None = None
         self.control_proc: subprocess.Popen[bytes] | None = None
 

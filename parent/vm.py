@@ -133,7 +133,7 @@ async def _relay_stderr(name: str, stream: IO[bytes]) -> None:
 
 class VmManager:
     def __init__(self, parent: Parent, config: Config, *, qemu_user: str = QEMU_USER,
-                 run_dir: Path | None = None) -> None:
+                 run_dir: Path | None = None, placement: bool = True) -> None:
         self.parent = parent
         self.config = config
         self.qemu_user = qemu_user
@@ -144,7 +144,7 @@ class VmManager:
         self._accel: str | None = None
         self._nursery: trio.Nursery | None = None
         self._taps_in_use: set[str] = set()
-        self._placer = Placer()
+        self._placer = Placer() if placement else None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -306,7 +306,7 @@ class VmManager:
 
         backends: list[NicBackend] = []
         vm.nics = []
-        vm.placement = self._placer.place()
+        vm.placement = self._placer.place() if self._placer else None
         for index, nconf in enumerate(conf.interfaces):
             switch = self.config.nic_switch(nconf)
             spec = NicSpec(
