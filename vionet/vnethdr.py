@@ -156,6 +156,7 @@ _GSO_FEATURE = {
     int(VnetGso.UDP_L4): int(NetF.HOST_USO),
 }
 _PLAIN = VnetHdr()
+PLAIN = _PLAIN  # the verdict for a frame with nothing to do (callers may test identity)
 
 
 def validate_tx(
