@@ -818,3 +818,27 @@ def test_rx_long_drain_raises_the_owed_interrupt_inside_the_drain(
         assert rig.call_pending()
         assert _guest_take(rig) == frames
         assert rig.counters["rx_interrupts"] == len(signals)
+
+
+def test_engine_close_frees_its_eventfd_now_or_when_its_thread_ends() -> None:
+    idle = Engine()
+    fd = idle._ctl
+    os.fstat(fd)
+    idle.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    idle.wake()  # after close: a no-op, not an error
+
+
+def test_engine_closed_while_running_frees_its_eventfd_when_the_thread_ends() -> None:
+    with make_rig(TxLoop, BASE, start=True) as rig:
+        fd = rig.engine._ctl
+        rig.engine.close()
+        os.fstat(fd)  # still open: the thread serves the loop and polls it
+        thread = rig.engine.thread
+        assert thread is not None
+        rig.loop.stop()
+        thread.join(5)
+        assert not thread.is_alive()
+        with pytest.raises(OSError):
+            os.fstat(fd)

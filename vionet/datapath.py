@@ -148,6 +148,7 @@ class Engine:
         self._ctl = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._lock = threading.Lock()
         self._ops: list[tuple[bool, QueueLoop, threading.Event]] = []
+        self._closing = False
         self._loops: list[QueueLoop] = []  # touched by the engine thread only
         self.thread: threading.Thread | None = None
         # Whether the tap may hold a frame: poll said so, TX just wrote one (the host may have
@@ -177,7 +178,17 @@ class Engine:
             loop.finish()
 
     def wake(self) -> None:
-        os.eventfd_write(self._ctl, 1)
+        with self._lock:
+            if self._ctl >= 0:
+                os.eventfd_write(self._ctl, 1)
+
+    def close(self) -> None:
+        """Free the control eventfd (now, or when the thread ends if loops still run)."""
+        with self._lock:
+            self._closing = True
+            if self.thread is None and self._ctl >= 0:
+                os.close(self._ctl)
+                self._ctl = -1
 
     def _apply(self) -> bool:
         """Take pending add/remove requests; False (thread ends) once no loop is left."""
@@ -197,6 +208,9 @@ class Engine:
             self._loops.sort(key=lambda loop: loop.order)
             if not self._loops:
                 self.thread = None  # under the lock: add() starts a new thread from here on
+                if self._closing and self._ctl >= 0:
+                    os.close(self._ctl)
+                    self._ctl = -1
                 return False
             return True
 

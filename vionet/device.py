@@ -107,6 +107,12 @@ class NetDevice:
         self.injected.clear()  # replies for the guest before the reset mean nothing after it
         self._request_offload(0)
 
+    def close(self) -> None:
+        """The connection is over: stop every queue and free the engine's eventfd."""
+        for index in list(self.loops):
+            self.queue_stopped(index)
+        self.engine.close()
+
     def _wake_rx(self) -> None:
         loop = self.loops.get(RX_QUEUE)
         if loop is not None:

@@ -130,6 +130,7 @@ class Worker:
                             break
             finally:
                 session.close()
+                device.close()
                 conn.close()
                 self.device = None
 
