@@ -39,6 +39,7 @@ MAX_QUEUE_SIZE = 32768
 DEFAULT_MAX_CHAIN_BYTES = 12 + 65535 + 14 + 4 + 4096  # GSO frame + vnet header + slack
 
 _DESC = struct.Struct("<QIHH")
+_NOT_SIMPLE = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT
 # Virtio 1.x rings are little-endian; the typed views below use the host's order.
 assert sys.byteorder == "little", "vionet's ring access assumes a little-endian host"
 
@@ -257,6 +258,19 @@ class SplitQueue:
         if head >= self.size:
             self._break(RingErrorReason.HEAD_OUT_OF_RANGE, f"head {head}, size {self.size}")
         self._last_avail = (self._last_avail + 1) & 0xFFFF
+        # The common chain, one direct descriptor (Linux's RX buffers, pushed-header TX
+        # frames), without the walk's set-up; anything else, or any doubt, takes the walk.
+        addr, length, flags, _next = _DESC.unpack_from(self._desc, 16 * head)
+        if not flags & _NOT_SIMPLE and 0 < length <= self.max_chain_bytes:
+            try:
+                view = self.mem.gpa(addr, length)
+            except GuestMemoryError:
+                pass  # the walk reports it (or splits it across regions)
+            else:
+                self._unpoppable.append(head)
+                if flags & VIRTQ_DESC_F_WRITE:
+                    return Chain(head, [], [view], 0, length, addr)
+                return Chain(head, [view], [], length, 0)
         try:
             chain = self._walk(head)
         except ChainError:
