@@ -46,7 +46,7 @@ def pin_threads(tids: Iterable[int], cpus: frozenset[int]) -> int:
     for tid in tids:
         try:
             os.sched_setaffinity(tid, cpus)
-        except (ProcessLookupError, PermissionError, OSError) as exc:
+        except OSError as exc:  # the thread is gone, or not ours to move
             log.debug("affinity of thread %d: %s", tid, exc)
             continue
         done += 1

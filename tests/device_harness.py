@@ -277,9 +277,9 @@ class Rig:
 
     def threads_alive(self) -> bool:
         loops = self.device.loops
-        return (
-            set(loops) == {RX_QUEUE, TX_QUEUE}
-            and all(loop._thread.is_alive() for loop in loops.values())
+        return set(loops) == {RX_QUEUE, TX_QUEUE} and all(
+            not loop.dead and loop.engine.thread is not None and loop.engine.thread.is_alive()
+            for loop in loops.values()
         )
 
     def stop(self) -> list[int]:

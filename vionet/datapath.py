@@ -1,9 +1,10 @@
-"""The packet loops: TX (guest -> tap) and RX (tap -> guest), one thread each per queue pair.
+"""The packet loops: TX (guest -> tap) and RX (tap -> guest), served by one engine thread.
 
-Each loop waits once (poll on its eventfd and/or the tap), then drains as much as it can,
-publishing used entries and raising the guest's interrupt once per batch rather than per packet:
-waiting on the event loop before every frame costs about 3x. Frames move with writev/readv
-directly between the tap and guest memory; the only copy is the 12-byte header on TX.
+A device's :class:`Engine` waits once (one poll over both kick eventfds and the tap), then
+each loop drains as much as it can, publishing used entries as it goes and raising the
+guest's interrupt when the guest wants one, moderated while frames stream in: waiting on the
+event loop before every frame costs about 3x. Frames move with writev/readv directly between
+the tap and guest memory; the only copy is the 12-byte header on TX.
 
 Per-NIC rules (:class:`LinkRules`) add what vmd's vionet does beyond moving frames: with
 ``locked lladdr`` TX drops frames not from the VM's MAC and RX passes only unicast to it plus
@@ -120,14 +121,6 @@ BUSY = 2  # service(): work is left (budget used up); poll without sleeping
 # cold caches, and a Python pass then costs 5-10x a warm one (see docs/performance.md).
 DEFAULT_POLL_US = 1000
 TX_COALESCE_US = 250
-
-
-class _Dead:
-    """What ``QueueLoop._thread`` reports for a loop whose ring broke."""
-
-    @staticmethod
-    def is_alive() -> bool:
-        return False
 
 
 class Engine:
@@ -353,11 +346,6 @@ class QueueLoop:
         self._irq_counter = f"{prefix}_interrupts"
         self.kick_counter = f"{prefix}_kicks"
 
-    @property
-    def _thread(self) -> threading.Thread | _Dead:
-        thread = self.engine.thread
-        return _Dead() if self.dead or thread is None else thread
-
     def start(self) -> None:
         self.engine.add(self)
 
@@ -436,8 +424,7 @@ class QueueLoop:
     def flush(self) -> None:
         """Raise the interrupt owed for completions published earlier in the pass."""
         self.owed = False
-        if self.q.needs_interrupt():
-            self._signal()
+        self._notify()
 
     def _signal(self) -> None:
         # Bookkeeping first: whoever the eventfd wakes (tests included) sees it done.
@@ -455,6 +442,10 @@ class QueueLoop:
     def _interrupt(self) -> bool:
         """Publish, and signal the guest if it wants it; whether it was signalled."""
         self.q.publish()
+        return self._notify()
+
+    def _notify(self) -> bool:
+        """Signal the guest if it wants an interrupt for what is published; whether it did."""
         if self.q.needs_interrupt():
             self._signal()
             return True
@@ -847,8 +838,8 @@ class RxLoop(QueueLoop):
         vnethdr.scatter(iov, 0, vnethdr.for_guest(verdict.hdr, 1)[:10])
         return True
 
-    def _complete(self, n: int) -> int:
-        """Push the stashed chains the frame filled; set num_buffers. Returns how many."""
+    def _complete(self, n: int) -> None:
+        """Push the stashed chains the frame filled; set num_buffers."""
         stash = self._stash
         first = stash[0]
         left = n
@@ -874,7 +865,6 @@ class RxLoop(QueueLoop):
             vnethdr.write_num_buffers(first.writable, count)
         self.counters.add("rx_packets", 1)
         self.counters.add("rx_bytes", n - VNET_HDR_LEN)
-        return used
 
 
 _GUEST_GSO = {

@@ -108,9 +108,8 @@ class NetDevice:
         self._request_offload(0)
 
     def close(self) -> None:
-        """The connection is over: stop every queue and free the engine's eventfd."""
-        for index in list(self.loops):
-            self.queue_stopped(index)
+        """The connection is over (its session has reset the device): free the engine's
+        eventfd, at once or when its thread ends."""
         self.engine.close()
 
     def _wake_rx(self) -> None:
