@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import select
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.console import GuestConsole
+from bench.iperf_client import run_iperf3
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _RTT = re.compile(r"time=([\d.]+) ms")
@@ -138,25 +138,11 @@ def sender_retransmits(end: dict[str, Any]) -> int | None:
 
 def iperf3(server: str, seconds: int, reverse: bool, pids: dict[str, int]) -> Transfer:
     """Host-side iperf3 client against the guest's server; reverse means guest -> host."""
-    argv = ["iperf3", "-c", server, "-t", str(seconds), "-J"]
-    if reverse:
-        argv.append("-R")
-    for _attempt in range(20):
-        before = {role: cpu_seconds(pid) for role, pid in pids.items()}
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-        after = {role: cpu_seconds(pid) for role, pid in pids.items()}
-        data: dict[str, Any] = json.loads(res.stdout)
-        error = data.get("error")
-        # The guest's iperf3 -s takes a moment to accept the next test after the last one.
-        if error and any(w in error for w in ("refused", "busy", "unable to send cookie",
-                                             "reset by peer")):
-            time.sleep(0.5)
-            continue
-        if error:
-            raise MeasureError(f"iperf3: {error}")
-        received = data["end"]["sum_received"]
-        return Transfer(gbps=float(received["bits_per_second"]) / 1e9,
-                        bytes=int(received["bytes"]),
-                        cpu={role: after[role] - before[role] for role in pids},
-                        retransmits=sender_retransmits(data["end"]))
-    raise MeasureError(f"iperf3: server {server} never accepted a test")
+    before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+    data = run_iperf3(server, seconds, reverse)
+    after = {role: cpu_seconds(pid) for role, pid in pids.items()}
+    received = data["end"]["sum_received"]
+    return Transfer(gbps=float(received["bits_per_second"]) / 1e9,
+                    bytes=int(received["bytes"]),
+                    cpu={role: after[role] - before[role] for role in pids},
+                    retransmits=sender_retransmits(data["end"]))

@@ -19,6 +19,8 @@ import tty
 from pathlib import Path
 from typing import Any
 
+from bench.iperf_client import run_iperf3
+
 RUN_DIR = Path("/run/vmd-py")
 READY = "vmd-guest: ready"
 
@@ -160,22 +162,7 @@ class Vmd:
 def iperf3(server: str, seconds: int = 5, reverse: bool = False,
            extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Host-side iperf3 client (in the test's netns) against a guest; parsed JSON result."""
-    argv = ["iperf3", "-c", server, "-t", str(seconds), "-J", *extra]
-    if reverse:
-        argv.append("-R")
-    for _attempt in range(20):
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-        data: dict[str, Any] = json.loads(res.stdout)
-        error = data.get("error")
-        # The guest's iperf3 -s takes a moment to accept the next test after the last one.
-        if error and any(w in error for w in ("refused", "busy", "unable to send cookie",
-                                             "reset by peer")):
-            time.sleep(0.5)
-            continue
-        if error:
-            raise HarnessError(f"iperf3: {error}")
-        return data
-    raise HarnessError(f"iperf3: server {server} never accepted a test")
+    return run_iperf3(server, seconds, reverse, extra)
 
 
 def gbps(result: dict[str, Any]) -> float:
