@@ -35,6 +35,7 @@ from bench.sides import (
     vmd_guest,
 )
 from vmd_py.accel import kvm_status
+from vmd_py.config.build import Invalid, parse_poll
 from vmd_py.guest_image import GuestImage, ensure_guest_image
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -45,12 +46,12 @@ def log(msg: str) -> None:
 
 
 def measure(side: str, offload: Offload, rnd: int, seconds: int, image: GuestImage,
-            accel: Literal["kvm", "tcg"], full: bool) -> Run:
+            accel: Literal["kvm", "tcg"], full: bool, poll: str | None = None) -> Run:
     """Boot one side, measure it, tear it down; full adds the RTTs (offload runs skip them)."""
     run = Run(side, offload, rnd)
     with tempfile.TemporaryDirectory(prefix="vmdbench-") as tmp, fresh_netns():
         workdir = Path(tmp)
-        guest = vmd_guest(workdir, offload) if side == "vmd" \
+        guest = vmd_guest(workdir, offload, poll) if side == "vmd" \
             else qemu_guest(workdir, image, accel)
         with guest as booted:
             run.info = booted.info
@@ -80,6 +81,14 @@ def _brief(run: Run) -> str:
                      for k, v in run.values.items())
 
 
+def _poll(text: str) -> str:
+    try:
+        parse_poll(text)
+    except Invalid as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
     # As an exception, so every finally block (processes, namespaces) still runs.
     raise SystemExit(128 + signum)
@@ -94,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--long", type=int, default=0, metavar="SECONDS",
                     help="after the rounds, one iperf3 of SECONDS per direction on each side "
                          "(default 0: off)")
+    ap.add_argument("--vmd-poll", metavar="TIME", type=_poll,
+                    help="vm.conf 'poll' for vmd-py's NIC, e.g. 1s (default: vionet's, 1ms); "
+                         "a long window trades a busy core for latency")
     ap.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
@@ -118,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             plan += [("vmd", "csum", False), ("vmd", "none", False)]
         for side, offload, full in plan:
             log(f"round {rnd + 1}/{args.rounds}: {side} offload {offload}")
-            run = measure(side, offload, rnd, args.seconds, image, accel, full)
+            run = measure(side, offload, rnd, args.seconds, image, accel, full, args.vmd_poll)
             log("  " + _brief(run))
             runs.append(run)
 
@@ -126,16 +138,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.long:
         for side in ("vmd", "qemu"):
             log(f"long run: {side}, {args.long} s per direction")
-            run = measure(side, "all", args.rounds, args.long, image, accel, False)
+            run = measure(side, "all", args.rounds, args.long, image, accel, False,
+                          args.vmd_poll)
             log("  " + _brief(run))
             long_runs.append(run)
 
     print(table(runs, args.rounds, args.seconds))
+    if args.vmd_poll:
+        print(f"vmd-py's NIC busy-polls for {args.vmd_poll} after traffic (vm.conf poll)")
     if long_runs:
         print()
         print(long_table(long_runs, args.long))
     extra = {
         "seconds": args.seconds, "accel": accel, "host_cpus": os.cpu_count(),
+        "vmd_poll": args.vmd_poll or "default",
         "guest": {"kernel": image.version, "memory_mb": MEMORY_MB, "vcpus": 1,
                   "cmdline": CMDLINE},
         "wall_s": round(time.monotonic() - began, 1),

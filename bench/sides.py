@@ -110,7 +110,9 @@ def _stop(proc: subprocess.Popen[bytes], grace: float) -> None:
 
 # --- vmd ------------------------------------------------------------------------------------
 
-def vmd_conf(offload: Offload) -> str:
+def vmd_conf(offload: Offload, poll: str | None = None) -> str:
+    # poll: vm.conf's busy-poll window for the NIC (e.g. "1s"); None keeps vionet's default.
+    poll_opt = f", poll {poll}" if poll else ""
     return f"""switch "sw" {{
 	interface {BRIDGE}
 }}
@@ -120,16 +122,16 @@ vm "{VM_NAME}" {{
 	interface {{
 		switch "sw"
 		lladdr {MAC}
-		offload {offload}
+		offload {offload}{poll_opt}
 	}}
 }}
 """
 
 
 class _Vmd:
-    def __init__(self, workdir: Path, offload: Offload) -> None:
+    def __init__(self, workdir: Path, offload: Offload, poll: str | None) -> None:
         self.conf = workdir / "vm.conf"
-        self.conf.write_text(vmd_conf(offload))
+        self.conf.write_text(vmd_conf(offload, poll))
         self.socket = workdir / "vmd.sock"
         self.log = workdir / "vmd.log"
         with self.log.open("wb") as log:
@@ -162,11 +164,12 @@ class _Vmd:
 
 
 @contextmanager
-def vmd_guest(workdir: Path, offload: Offload = "all") -> Iterator[Booted]:
+def vmd_guest(workdir: Path, offload: Offload = "all",
+              poll: str | None = None) -> Iterator[Booted]:
     """The daemon starts the guest (autostart from vm.conf); yields it with network up."""
     with contextlib.ExitStack() as cleanup:
         # Callbacks run last-in first-out, each even if an earlier one raised.
-        vmd = _Vmd(workdir, offload)
+        vmd = _Vmd(workdir, offload, poll)
         cleanup.callback(_stop, vmd.proc, 60)
 
         def bridge_ready() -> bool:

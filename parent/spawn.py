@@ -31,6 +31,7 @@ class WorkerArgs:
     # A local interface's /31 (dotted quads): the worker answers the guest's DHCP with them.
     local_guest: str | None = None
     local_host: str | None = None
+    poll_us: int | None = None  # None: the worker's default
 
 
 def ensure_empty_root(path: str = EMPTY_ROOT) -> None:
@@ -65,6 +66,8 @@ def spawn_vionet(
         argv += ["--mac", args.mac]
     if args.locked:
         argv.append("--locked")
+    if args.poll_us is not None:
+        argv += ["--poll-us", str(args.poll_us)]
     if args.local_guest and args.local_host:
         argv += ["--local-guest", args.local_guest, "--local-host", args.local_host]
     argv += args.extra

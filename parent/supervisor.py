@@ -48,6 +48,7 @@ class NicSpec:
     vhost_path: str | None = None  # where QEMU will connect (the parent listens, vionet accepts)
     local: LocalAddrs | None = None  # local interface: the /31 (host side goes on the tap)
     cpus: frozenset[int] | None = None  # where the worker may run (parent/placement.py)
+    poll_us: int | None = None  # the busy-poll window (vm.conf "poll"); None: the default
 
 
 @dataclass
@@ -172,6 +173,7 @@ class Parent:
                     self.user, self.empty_root,
                     local_guest=str(nic.spec.local.guest) if nic.spec.local else None,
                     local_host=str(nic.spec.local.host) if nic.spec.local else None,
+                    poll_us=nic.spec.poll_us,
                 ),
                 nic.tap.fd,
                 nic.vhost_sock.fileno() if nic.vhost_sock else None,

@@ -212,6 +212,7 @@ class VmManager:
         entry: dict[str, Any] = {
             "name": nic.spec.name, "tap": nic.spec.tap, "switch": nic.switch,
             "lladdr": nic.spec.mac, "locked": nic.spec.locked, "offload_setting": nic.spec.offload,
+            "poll_us": nic.spec.poll_us,
             "vionet_pid": None, "features_offered": [], "features_acked": [], "tap_offload": [],
             "counters": {}, "parent_counters": {},
         }
@@ -314,6 +315,7 @@ class VmManager:
                 tap=self._alloc_tap(nconf.tap_name),
                 switch=switch.ifname if switch else None,
                 offload=nconf.offload,
+                poll_us=nconf.poll_us,
                 mac=nconf.lladdr or _mac_for(vm.vm_id, index),
                 locked=self.config.nic_locked(nconf),
                 vhost_path=str(rundir / f"net{index}.sock"),

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vmd_py.config import Config, ConfigError, Diagnostic, Owner, load, parse_text
-from vmd_py.config.model import DEFAULT_MEMORY
+from vmd_py.config.model import DEFAULT_MEMORY, DEFAULT_POLL_US
 
 CONF = Path(__file__).parent / "conf"
 GOOD = CONF / "good"
@@ -108,6 +108,15 @@ def test_vm_interfaces(full: Config) -> None:
     # inline options, comma separated, MAC normalised to two lowercase digits per octet
     assert (n2.switch, n2.lladdr, n2.offload) == ("lan", "fe:e1:ba:d0:00:02", "all")
     assert n3.locked_lladdr and n3.lladdr is None
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("", DEFAULT_POLL_US), ("poll off", 0), ("poll 0", 0), ("poll 250us", 250),
+    ("poll 20ms", 20_000), ("poll 1s", 1_000_000),
+])
+def test_interface_poll_window(text: str, want: int) -> None:
+    conf = parse_text(f'vm "a" {{\n\tinterface {{ {text} }}\n}}\n')
+    assert conf.vms["a"].interfaces[0].poll_us == want
 
 
 def test_locked_inherited_from_switch(full: Config) -> None:
@@ -295,6 +304,11 @@ EXPECTED: dict[str, list[str]] = {
         'instance-unknown-parent.conf:1: vm "child": instance of unknown vm "nope"'
     ],
     "bad-offload.conf": ["bad-offload.conf:3: invalid offload: tso (expected all, csum or none)"],
+    "bad-poll.conf": [
+        "bad-poll.conf:3: invalid poll: 5 (expected off, or a time such as 500us, 1ms, 1s)",
+        "bad-poll.conf:5: invalid poll: 2s (at most 1s)",
+        "bad-poll.conf:6: invalid poll: fast (expected off, or a time such as 500us, 1ms, 1s)",
+    ],
     "switch-missing-interface.conf": [
         'switch-missing-interface.conf:1: switch "lonely" is missing interface name'
     ],

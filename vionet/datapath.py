@@ -119,7 +119,8 @@ BUSY = 2  # service(): work is left (budget used up); poll without sleeping
 # How long the engine keeps polling (rings and tap, without sleeping) after the last frame
 # moved. Under TCG a guest answers in 0.3-0.7 ms; an engine that slept meanwhile wakes with
 # cold caches, and a Python pass then costs 5-10x a warm one (see docs/performance.md).
-DEFAULT_POLL_US = 1000
+DEFAULT_POLL_US = 1000  # vm.conf "poll" (vmd_py.config.model has the same default)
+MAX_POLL_US = 1_000_000
 TX_COALESCE_US = 250
 
 

@@ -12,7 +12,15 @@ import logging
 from collections.abc import Callable
 
 from vionet.counters import Counters
-from vionet.datapath import Engine, InjectQueue, LinkRules, QueueLoop, RxLoop, TxLoop
+from vionet.datapath import (
+    DEFAULT_POLL_US,
+    Engine,
+    InjectQueue,
+    LinkRules,
+    QueueLoop,
+    RxLoop,
+    TxLoop,
+)
 from vionet.dhcp import DhcpResponder, LocalLink
 from vionet.virtqueue import SplitQueue
 from vmd_py.virtio_defs import NetF
@@ -34,6 +42,7 @@ class NetDevice:
         mac: bytes | None = None,
         locked: bool = False,
         local: LocalLink | None = None,
+        poll_us: int = DEFAULT_POLL_US,
     ) -> None:
         if (locked or local is not None) and (mac is None or len(mac) != 6):
             raise ValueError("locked lladdr and local interface need the VM's MAC")
@@ -49,7 +58,7 @@ class NetDevice:
         self._on_ring_error = on_ring_error or (lambda why: None)
         self.acked = 0
         self.loops: dict[int, QueueLoop] = {}
-        self.engine = Engine()  # one thread for both queues (see datapath.Engine)
+        self.engine = Engine(poll_us=poll_us)  # one thread for both queues (see datapath.Engine)
         self.paused = False
         self._offload_dropped = False  # every ring stopped: the tap was told 0 meanwhile
 

@@ -21,6 +21,7 @@ from imsg.channel import ImsgSocket, TrioImsgChannel
 from imsg.codec import Imsg
 from imsg.errors import ImsgError
 from vionet.counters import Counters
+from vionet.datapath import DEFAULT_POLL_US, MAX_POLL_US
 from vionet.device import NetDevice
 from vionet.dhcp import LocalLink
 from vionet.probe import run_probes
@@ -41,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--features", type=lambda s: int(s, 0), required=True)
     p.add_argument("--mac", type=_mac)
     p.add_argument("--locked", action="store_true")
+    p.add_argument("--poll-us", type=_poll_us, default=DEFAULT_POLL_US)
     p.add_argument("--local-guest", type=ipaddress.IPv4Address)
     p.add_argument("--local-host", type=ipaddress.IPv4Address)
     p.add_argument("--user", default="_vmd")
@@ -62,6 +64,16 @@ def _mac(text: str) -> bytes:
         return bytes.fromhex("".join(parts))
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad MAC {text!r}") from None
+
+
+def _poll_us(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad poll window {text!r}") from None
+    if not 0 <= value <= MAX_POLL_US:
+        raise argparse.ArgumentTypeError(f"poll window {value} us out of 0..{MAX_POLL_US}")
+    return value
 
 
 def local_link(args: argparse.Namespace) -> LocalLink | None:
@@ -114,7 +126,7 @@ class Worker:
             self.counters.inc("vhost_connections")
             device = NetDevice(self.args.tap_fd, self.counters, self.request_offload,
                                self.ring_error, mac=self.args.mac, locked=self.args.locked,
-                               local=local_link(self.args))
+                               local=local_link(self.args), poll_us=self.args.poll_us)
             device.set_paused(self.paused)
             self.device = device
             session = Session(device, offered_features=self.offered | NetF.PROTOCOL_FEATURES)

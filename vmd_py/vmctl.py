@@ -18,6 +18,7 @@ from imsg.channel import ImsgSocket
 from imsg.codec import Imsg
 from imsg.errors import ImsgError
 from vmd_py.config.build import Invalid, parse_size
+from vmd_py.config.model import DEFAULT_POLL_US
 
 DEFAULT_SOCKET = "/run/vmd.sock"
 
@@ -34,6 +35,13 @@ def _size(n: int) -> str:
             return f"{n / 1024:.1f}{'KMGT'['KMGT'.index(unit) + 1] if unit else 'K'}"
         n //= 1024
     return str(n)
+
+
+def _poll(poll_us: object) -> str:
+    """The NIC's busy-poll window for ``status -v``; nothing when it is the default."""
+    if not isinstance(poll_us, int) or poll_us == DEFAULT_POLL_US:
+        return ""
+    return " poll off" if poll_us == 0 else f" poll {poll_us}us"
 
 
 def request(path: str, msg: Imsg) -> dict[str, Any]:
@@ -71,7 +79,8 @@ def _print_status(vms: list[dict[str, Any]], verbose: bool) -> None:
         for nic in vm.get("nics", []):
             print(f"      {nic['name']}: tap {nic['tap']} switch {nic['switch'] or '-'} "
                   f"lladdr {nic['lladdr']}{' locked' if nic['locked'] else ''} "
-                  f"vionet pid {nic['vionet_pid'] or '-'} offload setting {nic['offload_setting']}")
+                  f"vionet pid {nic['vionet_pid'] or '-'} offload setting {nic['offload_setting']}"
+                  f"{_poll(nic.get('poll_us'))}")
             print(f"        features acked: {' '.join(nic['features_acked']) or '-'}")
             print(f"        tap offload:    {' '.join(nic['tap_offload']) or '-'}")
             counters = nic.get("counters", {})

@@ -14,6 +14,7 @@ from .model import (
     MAX_DISKS,
     MAX_MEMORY,
     MAX_NICS,
+    MAX_POLL_US,
     MIB,
     MIN_MEMORY,
     BootDevice,
@@ -40,6 +41,23 @@ _BOOT_DEVICES: dict[str, BootDevice] = {"disk": "disk", "cdrom": "cdrom", "net":
 
 class Invalid(Exception):
     """A semantic error in one option; the builder records it and carries on."""
+
+
+_POLL = re.compile(r"(\d+)(us|ms|s)")
+_POLL_SCALE = {"us": 1, "ms": 1000, "s": 1_000_000}
+
+
+def parse_poll(text: str) -> int:
+    """``poll`` as microseconds: ``off`` or ``0``, or a whole number with us, ms or s."""
+    if text in ("off", "0"):
+        return 0
+    match = _POLL.fullmatch(text)
+    if match is None:
+        raise Invalid(f"invalid poll: {text} (expected off, or a time such as 500us, 1ms, 1s)")
+    value = int(match.group(1)) * _POLL_SCALE[match.group(2)]
+    if value > MAX_POLL_US:
+        raise Invalid(f"invalid poll: {text} (at most 1s)")
+    return value
 
 
 def parse_size(text: str) -> int:
@@ -391,6 +409,8 @@ class Builder:
             if value not in _OFFLOADS:
                 raise Invalid(f"invalid offload: {value} (expected all, csum or none)")
             nic.offload = _OFFLOADS[value]
+        elif sub.data == "poll":
+            nic.poll_us = parse_poll(value)
         elif sub.data == "rdomain":
             raise Invalid("rdomain is not supported on Linux")
 

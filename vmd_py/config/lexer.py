@@ -16,7 +16,8 @@ KEYWORDS = frozenset(
         "allow", "boot", "cdrom", "cmdline", "delay", "device", "disable", "disk", "down",
         "enable", "format", "group", "include", "inet6", "initrd", "instance", "interface",
         "interfaces", "lladdr", "local", "locked", "memory", "net", "offload", "owner",
-        "parallel", "prefix", "rdomain", "socket", "staggered", "start", "switch", "up", "vm",
+        "parallel", "poll", "prefix", "rdomain", "socket", "staggered", "start", "switch", "up",
+        "vm",
     }
 )  # fmt: skip
 

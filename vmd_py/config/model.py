@@ -12,6 +12,10 @@ DiskFormat = Literal["raw", "qcow2"]
 
 MIB = 1024 * 1024
 DEFAULT_MEMORY = 512 * MIB
+# vionet's busy-poll window after traffic: long enough to catch a request's answer without a
+# wake-up, short enough that an idle NIC costs no CPU. vionet.datapath has the same default.
+DEFAULT_POLL_US = 1000
+MAX_POLL_US = 1_000_000
 MIN_MEMORY = MIB
 MAX_MEMORY = 128 * 1024 * MIB
 MAX_DISKS = 4
@@ -63,6 +67,8 @@ class NicConf:
     up: bool = True
     local: bool = False
     offload: Offload = "all"
+    # How long vionet busy-polls after traffic before it sleeps again (microseconds).
+    poll_us: int = DEFAULT_POLL_US
     line: int = 0
 
 
