@@ -19,6 +19,9 @@ METRICS: dict[str, tuple[str, str]] = {
 CPU_PARTS: dict[str, tuple[str, str]] = {
     "cpu_vionet_s_per_gb": ("CPU per GB, vionet", "s/GB"),
     "cpu_qemu_s_per_gb": ("CPU per GB, QEMU", "s/GB"),
+    # While the pings run (one every 50-200 ms): what idling between frames costs.
+    "cpu_ping_pct": ("CPU during pings, all", "% core"),
+    "cpu_ping_vionet_pct": ("CPU during pings, vionet", "% core"),
 }
 OFFLOADS = ("all", "csum", "none")
 # Sender-side TCP retransmissions per iperf3 test: direction -> Run.values name. Reported in
