@@ -26,12 +26,13 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
+from bench.console import GuestConsole
 from imsg.catalogue import MsgType
 from imsg.codec import Imsg, encode
 from parent.tap import Tap
 from tests.recovery_procs import alive, control_pid, fd_count, rss_kb
 from tests.test_e2e_guest import host_address
-from tests.vmd_harness import RUN_DIR, GuestConsole, Vmd, iperf3, wait_for
+from tests.vmd_harness import RUN_DIR, Vmd, iperf3, wait_for
 
 pytestmark = pytest.mark.e2e
 

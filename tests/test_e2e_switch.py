@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests.vmd_harness import GuestConsole, HarnessError, Vmd
+from bench.console import GuestConsole
+from tests.vmd_harness import HarnessError, Vmd
 from vionet import csum
 
 pytestmark = pytest.mark.e2e

@@ -9,16 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
-import select
 import signal
 import subprocess
 import sys
 import time
-import tty
 from pathlib import Path
 from typing import Any
 
+from bench.console import GuestConsole
 from bench.iperf_client import run_iperf3
 
 RUN_DIR = Path("/run/vmd-py")
@@ -38,52 +36,6 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -
         if time.monotonic() > deadline:
             raise HarnessError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
-
-
-class GuestConsole:
-    """The guest's serial shell through its pty (as vmctl console would open it)."""
-
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-        tty.setraw(self.fd)
-        self._seq = 0
-        self.transcript = bytearray()
-
-    def _read_until(
-        self, pattern: re.Pattern[bytes], start: int, timeout: float
-    ) -> re.Match[bytes]:
-        deadline = time.monotonic() + timeout
-        while True:
-            m = pattern.search(self.transcript, start)
-            if m:
-                return m
-            left = deadline - time.monotonic()
-            if left <= 0:
-                tail = self.transcript[-2000:].decode(errors="replace")
-                raise HarnessError(f"console: no {pattern.pattern!r} in time; tail:\n{tail}")
-            ready, _, _ = select.select([self.fd], [], [], min(left, 0.5))
-            if ready:
-                with contextlib.suppress(BlockingIOError):
-                    self.transcript += os.read(self.fd, 65536)
-
-    def run(self, command: str, timeout: float = 60.0, check: bool = True) -> str:
-        """Run a shell command in the guest; returns its output (stdout+stderr)."""
-        self._seq += 1
-        marker = f"__vmdt{self._seq}__"
-        start = len(self.transcript)
-        os.write(self.fd, f"{command} 2>&1; echo {marker}=$?\n".encode())
-        m = self._read_until(re.compile(rb"\n" + marker.encode() + rb"=(\d+)"), start, timeout)
-        text = self.transcript[start : m.start()].decode(errors="replace").replace("\r", "")
-        # Drop the echoed command line.
-        lines = text.split("\n")
-        out = "\n".join(line for line in lines[1:] if marker not in line)
-        status = int(m.group(1))
-        if check and status != 0:
-            raise HarnessError(f"guest: {command!r} exited {status}:\n{out}")
-        return out
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 class Vmd:
@@ -133,7 +85,7 @@ class Vmd:
         wait_for(lambda: self.status(name)["state"] == "running", timeout, f"{name} to start")
         wait_for(lambda: READY in self.console_log(name), timeout, f"{name} to boot")
         tty_path = self.status(name)["tty"]
-        con = GuestConsole(tty_path)
+        con = GuestConsole.open_pty(tty_path)
         self.consoles.append(con)
         con.run("true", timeout=30)  # the shell answers
         return con
