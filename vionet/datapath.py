@@ -521,11 +521,11 @@ class TxLoop(QueueLoop):
             self.worked = True
         return budget >= 0
 
-    def _send(self, chain: Chain) -> bool:
-        """Validate and write one frame to the tap; whether it was written."""
+    def _send(self, chain: Chain) -> None:
+        """Validate and write one frame to the tap (or count why not)."""
         if chain.writable:
             self.counters.inc("tx_drop_writable_descriptor")
-            return False
+            return
         iov = chain.readable
         # The common layout (Linux pushes the header in front of the frame, one buffer) takes
         # no helper calls: with cold caches each costs microseconds on the latency path.
@@ -534,12 +534,12 @@ class TxLoop(QueueLoop):
             raw = bytes(iov[0][:VNET_HDR_LEN]) if fast else vnethdr.gather(iov)
         except vnethdr.HeaderError:
             self.counters.inc("tx_drop_short_header")
-            return False
+            return
         frame_len = chain.read_len - VNET_HDR_LEN
         verdict = vnethdr.validate_tx(raw, frame_len, self.acked)
         if isinstance(verdict, vnethdr.DropReason):
             self.counters.inc(f"tx_drop_{verdict.value}")
-            return False
+            return
         # Zero-length descriptors never become views, so only the first view is cut.
         frame = [iov[0][VNET_HDR_LEN:], *iov[1:]] if fast else vnethdr.skip(iov, VNET_HDR_LEN)
         if self.locked_mac is not None:
@@ -547,27 +547,26 @@ class TxLoop(QueueLoop):
             src = first[6:12] if len(first) >= 12 else _head(frame, 12)[6:12]
             if src != self.locked_mac:
                 self._bad_source(bytes(src))
-                return False
+                return
         if self.dhcp is not None and dhcp.is_server_bound(_head(frame, dhcp.peek_len())):
             # Ours to answer, valid or not: a local interface's DHCP never reaches the tap.
             reply = self.dhcp.answer(_head(frame, dhcp.MAX_FRAME + 1))
             if reply is not None and self.injected is not None:
                 self.injected.put(reply)
-            return False
+            return
         tap_hdr = _PLAIN_HDR if verdict is _PLAIN else vnethdr.for_tap(verdict)
         out: list[bytes | memoryview] = [tap_hdr, *frame]
         if len(out) > IOV_MAX:
             self.counters.inc("tx_drop_too_many_segments")
-            return False
+            return
         try:
             os.writev(self.tap_fd, out)
         except OSError as exc:
             self.counters.inc(f"tx_drop_tap_{errno.errorcode.get(exc.errno or 0, 'error')}")
-            return False
+            return
         self.engine.tap_ready = True
         self.counters.add("tx_packets", 1)
         self.counters.add("tx_bytes", frame_len)
-        return True
 
     def _bad_source(self, src: bytes) -> None:
         self.counters.inc("tx_drop_bad_source_address")

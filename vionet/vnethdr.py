@@ -155,8 +155,7 @@ _GSO_FEATURE = {
     int(VnetGso.UDP): int(NetF.HOST_UFO),
     int(VnetGso.UDP_L4): int(NetF.HOST_USO),
 }
-_PLAIN = VnetHdr()
-PLAIN = _PLAIN  # the verdict for a frame with nothing to do (callers may test identity)
+PLAIN = VnetHdr()  # the verdict for a frame with nothing to do (callers may test identity)
 
 
 def validate_tx(
@@ -193,7 +192,7 @@ def validate_tx(
         if frame_len > max_frame:
             return DropReason.TOO_BIG
         if not needs_csum:
-            return _PLAIN
+            return PLAIN
         return VnetHdr(_NEEDS_CSUM, 0, 0, 0, csum_start, csum_offset)
     feature = _GSO_FEATURE.get(gso)
     if feature is None:
