@@ -31,9 +31,10 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from bench.iperf_client import run_iperf3
 from tests import netns
 from tests.recovery_procs import control_pid, fd_count, rss_kb
-from tests.vmd_harness import READY, Vmd, iperf3, wait_for
+from tests.vmd_harness import READY, Vmd, wait_for
 from vmd_py.guest_image import ensure_guest_image
 
 HOST = "10.77.0.1"
@@ -92,7 +93,7 @@ class Iperf:
 
     def _run(self, seconds: int, reverse: bool) -> None:
         try:
-            self.result = iperf3(SOAK_IP, seconds=seconds, reverse=reverse)
+            self.result = run_iperf3(SOAK_IP, seconds=seconds, reverse=reverse)
         except BaseException as exc:  # reported by the main thread
             self.error = exc
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 
-from tests.vmd_harness import Vmd, iperf3, retransmits
+from bench.iperf_client import run_iperf3
+from tests.vmd_harness import Vmd, retransmits
 
 pytestmark = pytest.mark.e2e
 
@@ -80,7 +81,7 @@ def test_guest_host_ping_and_tcp(in_netns: str, tmp_path: Path, qemu_binary: str
         argv = Path(f"/proc/{nic['vionet_pid']}/cmdline").read_bytes().split(b"\0")
         assert argv[argv.index(b"--poll-us") + 1] == str(poll_us).encode()
         for reverse in (False, True):
-            result = iperf3("10.77.0.2", seconds=3, reverse=reverse)
+            result = run_iperf3("10.77.0.2", seconds=3, reverse=reverse)
             assert result["end"]["sum_received"]["bytes"] > 10_000_000
             assert retransmits(result) < 50
         counters = vmd.status(name)["nics"][0]["counters"]

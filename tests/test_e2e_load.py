@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.iperf_client import run_iperf3
 from tests.test_e2e_guest import conf, host_address
-from tests.vmd_harness import Vmd, iperf3, wait_for
+from tests.vmd_harness import Vmd, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +24,7 @@ def test_sixty_seconds_of_tcp_without_errors_or_stalls(
     with Vmd(tmp_path, conf(name, "10.77.0.2")) as vmd:
         vmd.wait_ready(name)
         host_address()
-        result = iperf3("10.77.0.2", seconds=60, reverse=reverse, extra=("-i", "1"))
+        result = run_iperf3("10.77.0.2", seconds=60, reverse=reverse, extra=("-i", "1"))
         intervals = [iv["sum"]["bits_per_second"] for iv in result["intervals"]]
         assert len(intervals) >= 59
         # No stall: every second moved data, none fell below a tenth of the median.

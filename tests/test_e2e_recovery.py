@@ -27,12 +27,13 @@ import pytest
 from pyroute2 import IPRoute
 
 from bench.console import GuestConsole
+from bench.iperf_client import run_iperf3
 from imsg.catalogue import MsgType
 from imsg.codec import Imsg, encode
 from parent.tap import Tap
 from tests.recovery_procs import alive, control_pid, fd_count, rss_kb
 from tests.test_e2e_guest import host_address
-from tests.vmd_harness import RUN_DIR, Vmd, iperf3, wait_for
+from tests.vmd_harness import RUN_DIR, Vmd, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -146,7 +147,7 @@ def test_worker_killed_mid_iperf_is_replaced_and_traffic_resumes(
         applied_before = nic["parent_counters"].get("tunscap_applied", 0)
 
         t0 = time.monotonic()
-        run = Background(iperf3, "10.77.0.2", seconds=15, extra=("-i", "1"))
+        run = Background(run_iperf3, "10.77.0.2", seconds=15, extra=("-i", "1"))
         time.sleep(4)
         with OffloadWatch(nic["tap"]) as watch:
             kill_at = time.monotonic() - t0
@@ -169,7 +170,7 @@ def test_worker_killed_mid_iperf_is_replaced_and_traffic_resumes(
         print(f"kill at {kill_at:.1f}s; bytes per second after it: {after}")
         assert len(after) >= 5, result["intervals"]
         assert sum(after) > 10_000_000 and all(b > 0 for b in after[-3:]), after
-        second = iperf3("10.77.0.2", seconds=3)
+        second = run_iperf3("10.77.0.2", seconds=3)
         assert second["end"]["sum_received"]["bytes"] > 10_000_000
         assert ping_ok(con)
         assert not GUEST_ERRORS.search(vmd.console_log(name)), vmd.console_log(name)
@@ -328,7 +329,7 @@ def test_killing_one_vms_workers_leaves_the_other_vm_unaffected(
         good_worker = g0["nics"][0]["vionet_pid"]
         c0 = g0["nics"][0]["counters"]
 
-        run = Background(iperf3, "10.77.0.2", seconds=15, extra=("-i", "1"))
+        run = Background(run_iperf3, "10.77.0.2", seconds=15, extra=("-i", "1"))
         time.sleep(1)
         killed: set[int] = set()
         deadline = time.monotonic() + 10

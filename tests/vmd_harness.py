@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.console import GuestConsole
-from bench.iperf_client import run_iperf3
 
 RUN_DIR = Path("/run/vmd-py")
 READY = "vmd-guest: ready"
@@ -109,12 +108,6 @@ class Vmd:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def iperf3(server: str, seconds: int = 5, reverse: bool = False,
-           extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Host-side iperf3 client (in the test's netns) against a guest; parsed JSON result."""
-    return run_iperf3(server, seconds, reverse, extra)
 
 
 def gbps(result: dict[str, Any]) -> float:
