@@ -197,6 +197,14 @@ def _check_frames_land(rig: Rig, heads: list[int], frames: list[bytes], sizes: l
         assert [u.length for u in group[:-1]] == sizes[k - len(group) : k - 1]
 
 
+def _deliver(rig: Rig, heads: list[int], frames: list[bytes], sizes: list[int]) -> None:
+    """The tap hands the loop these frames; each must land as _check_frames_land says."""
+    for f in frames:
+        rig.tap.inject(f)
+    run_rx(rig)
+    _check_frames_land(rig, heads, frames, sizes)
+
+
 def test_adjacent_rx_buffers_share_one_view_and_frames_land_exactly() -> None:
     with make_rig(RxLoop, MRG) as rig:
         loop = rx_loop(rig)
@@ -220,10 +228,7 @@ def test_adjacent_rx_buffers_share_one_view_and_frames_land_exactly() -> None:
         # 612, 1012 and 72 bytes with the header: 3, 4 and 1 buffers, the third of the
         # first frame only partly used (its rest must not take the next frame).
         frames = [raw_frame(600, 1), raw_frame(1000, 2), raw_frame(60, 3)]
-        for f in frames:
-            rig.tap.inject(f)
-        run_rx(rig)
-        _check_frames_land(rig, heads, frames, [256] * 24)
+        _deliver(rig, heads, frames, [256] * 24)
         assert rig.drv.read(gpas[2] + 100, 156) == bytes(156), "a frame spilled into a tail"
         assert len(loop._views) == 1
         check_stash_invariants(loop)
@@ -231,9 +236,7 @@ def test_adjacent_rx_buffers_share_one_view_and_frames_land_exactly() -> None:
 
         # And again after the trim: the next frame starts in the ninth buffer.
         more = [raw_frame(1400, 4)]
-        rig.tap.inject(more[0])
-        run_rx(rig)
-        _check_frames_land(rig, heads[8:], more, [256] * 16)
+        _deliver(rig, heads[8:], more, [256] * 16)
         check_stash_invariants(loop)
 
 
@@ -247,10 +250,7 @@ def test_rx_buffers_with_gaps_are_not_merged() -> None:
         assert len(loop._views) == len(loop._stash) == -(-MAX_FRAME // 256)
         check_stash_invariants(loop)
         frames = [raw_frame(600, 1), raw_frame(1000, 2), raw_frame(60, 3)]
-        for f in frames:
-            rig.tap.inject(f)
-        run_rx(rig)
-        _check_frames_land(rig, heads, frames, [256] * 16)
+        _deliver(rig, heads, frames, [256] * 16)
         assert len(loop._views) == len(loop._stash)
         check_stash_invariants(loop)
 
@@ -269,10 +269,7 @@ def test_chain_with_two_writable_descriptors_is_never_merged() -> None:
         assert [len(v) for v in loop._views] == [256, 128, 128, 768, 128, 128]
         check_stash_invariants(loop)
         frames = [raw_frame(600, 1), raw_frame(1000, 2), raw_frame(60, 3), raw_frame(300, 4)]
-        for f in frames:
-            rig.tap.inject(f)
-        run_rx(rig)
-        _check_frames_land(rig, heads, frames, [256] * 16)
+        _deliver(rig, heads, frames, [256] * 16)
         check_stash_invariants(loop)
 
 
@@ -287,10 +284,7 @@ def test_adjacent_buffers_in_different_regions_stay_separate_views() -> None:
         assert [len(v) for v in loop._views] == [512, 1024]
         check_stash_invariants(loop)
         frames = [raw_frame(600, 1), raw_frame(1000, 2)]
-        for f in frames:
-            rig.tap.inject(f)
-        run_rx(rig)
-        _check_frames_land(rig, heads, frames, [256] * 12)
+        _deliver(rig, heads, frames, [256] * 12)
         check_stash_invariants(loop)
 
 
