@@ -36,6 +36,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def cpu_now(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each watched process (role -> pid)."""
+    return {role: cpu_seconds(pid) for role, pid in pids.items()}
+
+
 def start_epoch(pid: int) -> float:
     """When process pid started, as a Unix time (its start is kept in ticks since boot)."""
     started = int(_stat_fields(pid)[19]) / CLK_TCK
@@ -138,9 +143,9 @@ def sender_retransmits(end: dict[str, Any]) -> int | None:
 
 def iperf3(server: str, seconds: int, reverse: bool, pids: dict[str, int]) -> Transfer:
     """Host-side iperf3 client against the guest's server; reverse means guest -> host."""
-    before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+    before = cpu_now(pids)
     data = run_iperf3(server, seconds, reverse)
-    after = {role: cpu_seconds(pid) for role, pid in pids.items()}
+    after = cpu_now(pids)
     received = data["end"]["sum_received"]
     return Transfer(gbps=float(received["bits_per_second"]) / 1e9,
                     bytes=int(received["bytes"]),

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Literal
 
-from bench.measure import cpu_seconds, guest_ping_ms, host_ping_ms, iperf3
+from bench.measure import cpu_now, guest_ping_ms, host_ping_ms, iperf3
 from bench.report import Run, long_table, summary, table
 from bench.sides import (
     CMDLINE,
@@ -58,12 +58,12 @@ def measure(side: str, offload: Offload, rnd: int, seconds: int, image: GuestIma
             run.values["boot_s"] = booted.boot_s
             if full:
                 began = time.monotonic()
-                before = {role: cpu_seconds(pid) for role, pid in booted.pids.items()}
+                before = cpu_now(booted.pids)
                 run.values["rtt_h2g_ms"] = host_ping_ms(GUEST_IP)
                 run.values["rtt_g2h_ms"] = guest_ping_ms(booted.console, HOST_IP)
                 wall = time.monotonic() - began
-                used = {role: cpu_seconds(pid) - before[role]
-                        for role, pid in booted.pids.items()}
+                after = cpu_now(booted.pids)
+                used = {role: after[role] - before[role] for role in before}
                 run.values["cpu_ping_pct"] = 100 * sum(used.values()) / wall
                 if "vionet" in used:
                     run.values["cpu_ping_vionet_pct"] = 100 * used["vionet"] / wall
