@@ -459,3 +459,13 @@ def test_user_doc_examples_parse() -> None:
     assert len(blocks) >= 4
     for block in blocks:
         parse_text(block if 'switch "uplink" {' in block else switches + block)
+
+
+def test_poll_bounds_match_vionets() -> None:
+    # The parent's config and the sandboxed worker each keep the numbers (the worker does not
+    # import the config parser); they must agree.
+    from vionet import datapath
+    from vmd_py.config import model
+
+    assert (model.DEFAULT_POLL_US, model.MAX_POLL_US) == (
+        datapath.DEFAULT_POLL_US, datapath.MAX_POLL_US)
